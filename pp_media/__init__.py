@@ -1,0 +1,22 @@
+"""pp_media: vision-language media that stay with their samples under pipeline parallelism.
+
+Collate side: ``wrap_vlm_collate_for_pp`` / ``prepare_vlm_media_for_pp`` split the media per
+microbatch exactly as ``torch.distributed.pipelining`` splits the text. Step side:
+``stage_vlm_media_for_pp`` hands stage 0 the media of the microbatch it computes.
+"""
+
+from pp_media._core.chunking import _select_image_grid, chunk_step3_media, chunk_vlm_media
+from pp_media._core.device import move_vlm_media_to_device
+from pp_media._core.prepare import prepare_vlm_media_for_pp, wrap_vlm_collate_for_pp
+from pp_media._keys import _VLM_MEDIA_KEYS, VLM_PP_MEDIA_KEY
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VLM_PP_MEDIA_KEY",
+    "chunk_step3_media",
+    "chunk_vlm_media",
+    "move_vlm_media_to_device",
+    "prepare_vlm_media_for_pp",
+    "wrap_vlm_collate_for_pp",
+]

@@ -1,0 +1,227 @@
+"""Maps from samples to media rows, in two phases: plan on the device, then slice on the host.
+
+A plan validates what it can from shapes alone, queues the offsets it needs (and the values it
+must check) on a ``DeferredHostRead``, and returns a ``finish`` callable. After the single host
+read, ``finish`` checks the values and slices every field into per-microbatch views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pp_media._core.bounds import sample_bounds, sample_bounds_tensor
+from pp_media._core.errors import media_error, require_int_tensor, require_tensor
+from pp_media._core.host_read import DeferredHostRead
+
+Chunks = dict[str, list[torch.Tensor]]
+Finish = Callable[[list[list[int]]], Chunks]
+
+
+def split_rows(tensor: torch.Tensor, bounds: list[int]) -> list[torch.Tensor]:
+    """Views of ``tensor`` along dim 0 between consecutive ``bounds`` (first 0, last len)."""
+    return list(torch.tensor_split(tensor, bounds[1:-1]))
+
+
+def _with_leading_zero(values: torch.Tensor) -> torch.Tensor:
+    zero = torch.zeros(1, dtype=torch.int64, device=values.device)
+    return torch.cat([zero, values.to(torch.int64).cumsum(0)])
+
+
+def _require_rows(field: str, tensor: torch.Tensor, rows: int, meaning: str, fix: str = "") -> None:
+    if tensor.dim() == 0 or tensor.shape[0] != rows:
+        raise media_error(field, tensor, f"dim 0 of size {rows} ({meaning})", fix)
+
+
+@dataclass(frozen=True)
+class MediaGroup:
+    """One media group of a batch: a pixel tensor, its per-item grid, per-sample counts."""
+
+    pixels_name: str
+    pixels: object
+    grid_name: str
+    grid: object
+    counts_name: str
+    counts: object | None
+    extra_rows: tuple[tuple[str, object], ...] = ()
+
+
+def plan_media_group(
+    group: MediaGroup, batch_size: int, n_microbatches: int, reader: DeferredHostRead
+) -> Finish:
+    """Plan the split of an image or video group (grid-described media).
+
+    Dim 0 of the pixel tensor counts either items (one row per image/video: per-image
+    layouts) or patches (flat layouts, patches of item i = product of grid row i).
+    """
+    pixels = require_tensor(group.pixels_name, group.pixels)
+    if pixels.dim() == 0:
+        raise media_error(group.pixels_name, pixels, "at least one dimension")
+    multi_dim_grid = group.grid_name == "image_position_ids"
+    grid = require_int_tensor(group.grid_name, group.grid, None if multi_dim_grid else 2, min_ndim=2)
+    n_items = grid.shape[0]
+    extra_rows = [(name, require_tensor(name, value)) for name, value in group.extra_rows]
+    for name, tensor in extra_rows:
+        _require_rows(name, tensor, n_items, f"one row per row of '{group.grid_name}'")
+
+    counts = None
+    if group.counts is not None:
+        counts = require_int_tensor(group.counts_name, group.counts, 1)
+        _require_rows(group.counts_name, counts, batch_size, "one count per sample")
+    elif n_items != batch_size:
+        raise media_error(
+            group.grid_name,
+            grid,
+            f"{batch_size} rows (one item per sample) when '{group.counts_name}' is not given",
+            f"The batch has {batch_size} samples and {n_items} items: pass "
+            f"'{group.counts_name}' (shape [{batch_size}]) with each sample's item count.",
+        )
+
+    per_item = pixels.shape[0] == n_items
+    if not per_item and grid.dim() != 2:
+        raise media_error(
+            group.pixels_name,
+            pixels,
+            f"dim 0 equal to the {n_items} rows of '{group.grid_name}' (one row per item)",
+            "Flat patch layouts need a 2-D patch grid such as image_grid_thw.",
+        )
+
+    device = grid.device
+    samples = sample_bounds_tensor(batch_size, n_microbatches, device)
+    queued: list[torch.Tensor] = []
+    if counts is not None:
+        count_offsets = _with_leading_zero(counts.to(device))
+        item_bounds = count_offsets[samples]
+        queued += [item_bounds, count_offsets[-1:], counts.min().reshape(1).to(device)]
+    else:
+        item_bounds = samples
+    if not per_item:
+        sizes = grid.to(torch.int64).prod(dim=1)
+        patch_offsets = _with_leading_zero(sizes)
+        patch_bounds = patch_offsets[item_bounds.clamp(0, n_items)]
+        min_size = sizes.min().reshape(1) if n_items else torch.zeros(1, device=device)
+        queued += [patch_bounds, patch_offsets[-1:], min_size.to(torch.int64)]
+    handle = reader.add(torch.cat(queued)) if queued else None
+    m1 = n_microbatches + 1
+
+    def finish(values: list[list[int]]) -> Chunks:
+        row = values[handle] if handle is not None else []
+        sample_b = sample_bounds(batch_size, n_microbatches)
+        item_b = sample_b
+        if counts is not None:
+            item_b, (count_sum, count_min), row = row[:m1], row[m1 : m1 + 2], row[m1 + 2 :]
+            if count_min < 0:
+                raise media_error(
+                    group.counts_name, counts, "non-negative item counts", f"Its minimum is {count_min}."
+                )
+            if count_sum != n_items:
+                raise media_error(
+                    group.counts_name,
+                    counts,
+                    f"counts that sum to {n_items}, the rows of '{group.grid_name}' "
+                    f"(shape {tuple(grid.shape)})",
+                    f"They sum to {count_sum}.",
+                )
+        pixel_b = item_b
+        if not per_item:
+            pixel_b, (total, min_size) = row[:m1], row[m1 : m1 + 2]
+            if min_size < 0:
+                raise media_error(group.grid_name, grid, "non-negative grid entries")
+            if total != pixels.shape[0]:
+                raise media_error(
+                    group.pixels_name,
+                    pixels,
+                    f"dim 0 of size {total}: the patches described by '{group.grid_name}' "
+                    f"(shape {tuple(grid.shape)}, sum over rows of the row product), "
+                    f"or {n_items}: one row per item",
+                    "Check that the grid belongs to these pixel values.",
+                )
+        chunks: Chunks = {
+            group.pixels_name: split_rows(pixels, pixel_b),
+            group.grid_name: split_rows(grid, item_b),
+        }
+        if counts is not None:
+            chunks[group.counts_name] = split_rows(counts, sample_b)
+        for name, tensor in extra_rows:
+            chunks[name] = split_rows(tensor, item_b)
+        return chunks
+
+    return finish
+
+
+def plan_patch_mapped(
+    pixel_values: object,
+    batch_size: int,
+    n_microbatches: int,
+    reader: DeferredHostRead,
+    num_patches: object | None = None,
+    patch_pixel_values: object | None = None,
+    patch_newline_mask: object | None = None,
+) -> Finish:
+    """Plan the Step3-style split: per-sample images plus crops mapped by ``num_patches``.
+
+    ``pixel_values`` is either one image per sample (dim 0 == batch size) or itself a flat
+    crop tensor with ``sum(num_patches)`` rows.
+    """
+    pixels = require_tensor("pixel_values", pixel_values)
+    if pixels.dim() == 0:
+        raise media_error("pixel_values", pixels, "at least one dimension")
+    if num_patches is None:
+        counts = torch.zeros(batch_size, dtype=torch.int64, device=pixels.device)
+    else:
+        counts = require_int_tensor("num_patches", num_patches, 1)
+        _require_rows("num_patches", counts, batch_size, "one crop count per sample")
+    crops = None if patch_pixel_values is None else require_tensor("patch_pixel_values", patch_pixel_values)
+    newline = None if patch_newline_mask is None else require_tensor("patch_newline_mask", patch_newline_mask)
+    for name, tensor in (("patch_pixel_values", crops), ("patch_newline_mask", newline)):
+        if tensor is not None and tensor.dim() == 0:
+            raise media_error(name, tensor, "at least one dimension")
+    flat_pixels = pixels.shape[0] != batch_size
+
+    offsets = _with_leading_zero(counts)
+    samples = sample_bounds_tensor(batch_size, n_microbatches, counts.device)
+    handle = reader.add(torch.cat([offsets[samples], offsets[-1:], counts.min().reshape(1)]))
+    m1 = n_microbatches + 1
+
+    def finish(values: list[list[int]]) -> Chunks:
+        patch_b, (total, count_min) = values[handle][:m1], values[handle][m1:]
+        if count_min < 0:
+            raise media_error("num_patches", counts, "non-negative crop counts", f"Its minimum is {count_min}.")
+        expected = f"dim 0 of size {total}, the sum of 'num_patches'"
+        if flat_pixels and pixels.shape[0] != total:
+            raise media_error(
+                "pixel_values",
+                pixels,
+                f"dim 0 of size {batch_size} (one image per sample) or {total} (the sum of "
+                "'num_patches', a flat crop tensor)",
+            )
+        for name, tensor in (("patch_pixel_values", crops), ("patch_newline_mask", newline)):
+            if tensor is not None and tensor.shape[0] != total:
+                raise media_error(name, tensor, expected)
+        sample_b = sample_bounds(batch_size, n_microbatches)
+        chunks: Chunks = {
+            "pixel_values": split_rows(pixels, patch_b if flat_pixels else sample_b),
+            "num_patches": split_rows(counts, sample_b),
+        }
+        if crops is not None:
+            chunks["patch_pixel_values"] = split_rows(crops, patch_b)
+        if newline is not None:
+            chunks["patch_newline_mask"] = split_rows(newline, patch_b)
+        return chunks
+
+    return finish
+
+
+def plan_per_sample(
+    name: str, value: object, batch_size: int, n_microbatches: int
+) -> Finish:
+    """Plan the split of a tensor that already has one row per sample."""
+    tensor = require_tensor(name, value)
+    _require_rows(name, tensor, batch_size, "one row per sample")
+
+    def finish(values: list[list[int]]) -> Chunks:
+        return {name: split_rows(tensor, sample_bounds(batch_size, n_microbatches))}
+
+    return finish

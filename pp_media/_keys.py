@@ -1,0 +1,46 @@
+"""Names shared by the collate side and the stage-0 side of pp_media."""
+
+from __future__ import annotations
+
+#: Batch key under which the per-microbatch media chunks travel from collate to the step.
+VLM_PP_MEDIA_KEY = "_vlm_pp_media_chunks"
+
+#: Processor fields whose dim 0 is not the sample dimension (or that describe such fields).
+#: ``prepare_vlm_media_for_pp`` takes every one of them out of the batch.
+_VLM_MEDIA_KEYS: tuple[str, ...] = (
+    "pixel_values",
+    "patch_pixel_values",
+    "num_patches",
+    "patch_newline_mask",
+    "image_grid_hws",
+    "image_grid_thw",
+    "image_sizes",
+    "image_position_ids",
+    "n_images_per_sample",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "n_videos_per_sample",
+)
+
+#: Image grid fields in the order ``_select_image_grid`` prefers them.
+IMAGE_GRID_KEYS: tuple[str, ...] = (
+    "image_grid_hws",
+    "image_grid_thw",
+    "image_sizes",
+    "image_position_ids",
+)
+
+#: Fields that belong to the image group / video group of a microbatch.
+IMAGE_GROUP_KEYS: frozenset[str] = frozenset(
+    {
+        "pixel_values",
+        "patch_pixel_values",
+        "num_patches",
+        "patch_newline_mask",
+        "n_images_per_sample",
+        *IMAGE_GRID_KEYS,
+    }
+)
+VIDEO_GROUP_KEYS: frozenset[str] = frozenset(
+    {"pixel_values_videos", "video_grid_thw", "n_videos_per_sample"}
+)
