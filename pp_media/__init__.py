@@ -5,10 +5,15 @@ microbatch exactly as ``torch.distributed.pipelining`` splits the text. Step sid
 ``stage_vlm_media_for_pp`` hands stage 0 the media of the microbatch it computes.
 """
 
-from pp_media._core.chunking import _select_image_grid, chunk_step3_media, chunk_vlm_media
+from pp_media._core.chunking import _select_image_grid as _select_image_grid
+from pp_media._core.chunking import chunk_step3_media, chunk_vlm_media
 from pp_media._core.device import move_vlm_media_to_device
+from pp_media._core.padding import pad_to_even_microbatches
 from pp_media._core.prepare import prepare_vlm_media_for_pp, wrap_vlm_collate_for_pp
-from pp_media._keys import _VLM_MEDIA_KEYS, VLM_PP_MEDIA_KEY
+from pp_media._keys import _VLM_MEDIA_KEYS as _VLM_MEDIA_KEYS
+from pp_media._keys import VLM_PP_MEDIA_KEY
+from pp_media._pipeline.staging import current_media, stage_vlm_media_for_pp
+from pp_media._pipeline.step import step_with_media
 
 __version__ = "0.1.0"
 
@@ -16,7 +21,11 @@ __all__ = [
     "VLM_PP_MEDIA_KEY",
     "chunk_step3_media",
     "chunk_vlm_media",
+    "current_media",
     "move_vlm_media_to_device",
+    "pad_to_even_microbatches",
     "prepare_vlm_media_for_pp",
+    "stage_vlm_media_for_pp",
+    "step_with_media",
     "wrap_vlm_collate_for_pp",
 ]

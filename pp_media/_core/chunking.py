@@ -47,7 +47,12 @@ def chunk_vlm_media(
     """
     check_microbatches(batch_size, n_microbatches)
     group = MediaGroup(
-        "pixel_values", pixel_values, grid_name, image_grid, "n_images_per_sample", n_images_per_sample
+        "pixel_values",
+        pixel_values,
+        grid_name,
+        image_grid,
+        "n_images_per_sample",
+        n_images_per_sample,
     )
     reader = DeferredHostRead()
     finish = plan_media_group(group, batch_size, n_microbatches, reader)

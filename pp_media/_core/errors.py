@@ -36,7 +36,9 @@ def require_tensor(field: str, value: Any) -> torch.Tensor:
     return value
 
 
-def require_int_tensor(field: str, value: Any, ndim: int | None, *, min_ndim: int = 1) -> torch.Tensor:
+def require_int_tensor(
+    field: str, value: Any, ndim: int | None, *, min_ndim: int = 1
+) -> torch.Tensor:
     """Return ``value`` if it is an integer tensor of ``ndim`` dims (or at least ``min_ndim``)."""
     tensor = require_tensor(field, value)
     is_int = not tensor.dtype.is_floating_point and not tensor.dtype.is_complex
@@ -51,9 +53,7 @@ def require_int_tensor(field: str, value: Any, ndim: int | None, *, min_ndim: in
 def check_microbatches(batch_size: int, n_microbatches: int) -> None:
     """The engine needs 1 <= n_microbatches <= batch_size; say so before it fails later."""
     if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int):
-        raise ValueError(
-            f"{_PREFIX}: n_microbatches must be an int >= 1, got {n_microbatches!r}."
-        )
+        raise ValueError(f"{_PREFIX}: n_microbatches must be an int >= 1, got {n_microbatches!r}.")
     if n_microbatches < 1:
         raise ValueError(f"{_PREFIX}: n_microbatches must be >= 1, got {n_microbatches}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int):

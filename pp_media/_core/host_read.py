@@ -25,10 +25,8 @@ class DeferredHostRead:
         if not self._parts:
             return []
         devices = {part.device for part in self._parts}
-        if len(devices) > 1:  # mixed devices: gather on the CPU (one copy each)
-            parts = [part.cpu() for part in self._parts]
-        else:
-            parts = self._parts
+        # Mixed devices are gathered on the CPU, one copy each.
+        parts = [part.cpu() for part in self._parts] if len(devices) > 1 else self._parts
         flat = torch.cat(parts).tolist()
         values: list[list[int]] = []
         start = 0

@@ -60,7 +60,9 @@ def plan_media_group(
     if pixels.dim() == 0:
         raise media_error(group.pixels_name, pixels, "at least one dimension")
     multi_dim_grid = group.grid_name == "image_position_ids"
-    grid = require_int_tensor(group.grid_name, group.grid, None if multi_dim_grid else 2, min_ndim=2)
+    grid = require_int_tensor(
+        group.grid_name, group.grid, None if multi_dim_grid else 2, min_ndim=2
+    )
     n_items = grid.shape[0]
     extra_rows = [(name, require_tensor(name, value)) for name, value in group.extra_rows]
     for name, tensor in extra_rows:
@@ -114,7 +116,10 @@ def plan_media_group(
             item_b, (count_sum, count_min), row = row[:m1], row[m1 : m1 + 2], row[m1 + 2 :]
             if count_min < 0:
                 raise media_error(
-                    group.counts_name, counts, "non-negative item counts", f"Its minimum is {count_min}."
+                    group.counts_name,
+                    counts,
+                    "non-negative item counts",
+                    f"Its minimum is {count_min}.",
                 )
             if count_sum != n_items:
                 raise media_error(
@@ -173,8 +178,16 @@ def plan_patch_mapped(
     else:
         counts = require_int_tensor("num_patches", num_patches, 1)
         _require_rows("num_patches", counts, batch_size, "one crop count per sample")
-    crops = None if patch_pixel_values is None else require_tensor("patch_pixel_values", patch_pixel_values)
-    newline = None if patch_newline_mask is None else require_tensor("patch_newline_mask", patch_newline_mask)
+    crops = (
+        None
+        if patch_pixel_values is None
+        else require_tensor("patch_pixel_values", patch_pixel_values)
+    )
+    newline = (
+        None
+        if patch_newline_mask is None
+        else require_tensor("patch_newline_mask", patch_newline_mask)
+    )
     for name, tensor in (("patch_pixel_values", crops), ("patch_newline_mask", newline)):
         if tensor is not None and tensor.dim() == 0:
             raise media_error(name, tensor, "at least one dimension")
@@ -188,7 +201,9 @@ def plan_patch_mapped(
     def finish(values: list[list[int]]) -> Chunks:
         patch_b, (total, count_min) = values[handle][:m1], values[handle][m1:]
         if count_min < 0:
-            raise media_error("num_patches", counts, "non-negative crop counts", f"Its minimum is {count_min}.")
+            raise media_error(
+                "num_patches", counts, "non-negative crop counts", f"Its minimum is {count_min}."
+            )
         expected = f"dim 0 of size {total}, the sum of 'num_patches'"
         if flat_pixels and pixels.shape[0] != total:
             raise media_error(
@@ -214,9 +229,7 @@ def plan_patch_mapped(
     return finish
 
 
-def plan_per_sample(
-    name: str, value: object, batch_size: int, n_microbatches: int
-) -> Finish:
+def plan_per_sample(name: str, value: object, batch_size: int, n_microbatches: int) -> Finish:
     """Plan the split of a tensor that already has one row per sample."""
     tensor = require_tensor(name, value)
     _require_rows(name, tensor, batch_size, "one row per sample")
