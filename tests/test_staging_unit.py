@@ -1,0 +1,272 @@
+"""stage_vlm_media_for_pp, current_media and step_with_media in one process.
+
+A world-size-1 gloo group runs real torch schedules with a single stage (first and last at
+once), which is enough to check what the staging leaves behind, what each forward sees, and
+the seed-compatible behaviour without a visible torch stage.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import socket
+import weakref
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+import pp_media
+
+COMPAT_ATTRS = (
+    "_vlm_pixel_values_chunks",
+    "_vlm_image_grid_hws_chunks",
+    "_vlm_num_patches_chunks",
+    "_vlm_patch_pixel_values_chunks",
+    "_vlm_patch_newline_mask_chunks",
+    "_vlm_pixel_values_videos_chunks",
+    "_vlm_video_grid_thw_chunks",
+    "_vlm_chunk_idx",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_rank_group() -> Iterator[None]:
+    """A one-rank gloo group: torch's pipeline stages need a process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class Recorder(nn.Module):
+    """Stage 0 that records, per forward, the seed index and the media it sees."""
+
+    def __init__(self, fail_on_microbatch: int | None = None) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.seen: list[dict[str, Any]] = []
+        self.fail_on_microbatch = fail_on_microbatch
+
+    def forward(self, input_ids: torch.Tensor, **media_kwargs: torch.Tensor) -> torch.Tensor:
+        media = pp_media.current_media(self)
+        owners = None if media is None else media["pixel_values"][:, 0].tolist()
+        self.seen.append(
+            {
+                "samples": input_ids[:, 0].tolist(),
+                "chunk_idx": self._vlm_chunk_idx,
+                "owners": owners,
+                "kwargs": sorted(media_kwargs),
+            }
+        )
+        if self.fail_on_microbatch is not None and self.fail_on_microbatch in owners:
+            raise RuntimeError("boom")
+        return self.linear(input_ids.float())
+
+
+def prepared_batch(images_per_sample: list[int], n_microbatches: int) -> dict[str, Any]:
+    """input_ids[i] = i; one patch row per image, whose value is its owner's id."""
+    batch_size = len(images_per_sample)
+    owners = [i for i, n in enumerate(images_per_sample) for _ in range(n)]
+    batch: dict[str, Any] = {
+        "input_ids": torch.arange(batch_size).repeat_interleave(3).view(batch_size, 3),
+        "pixel_values": torch.tensor(owners, dtype=torch.float32).view(-1, 1).repeat(1, 4),
+        "image_grid_thw": torch.ones(len(owners), 3, dtype=torch.int64),
+        "n_images_per_sample": torch.tensor(images_per_sample),
+    }
+    return pp_media.prepare_vlm_media_for_pp(batch, batch_size, n_microbatches)
+
+
+def make_schedule(module: nn.Module, n_microbatches: int, cls: type = ScheduleGPipe) -> Any:
+    stage = PipelineStage(module, 0, 1, torch.device("cpu"))
+    return cls(stage, n_microbatches, loss_fn=lambda output, target: output.sum())
+
+
+def test_each_forward_sees_its_microbatch_and_the_engine_index() -> None:
+    module = Recorder()
+    schedule = make_schedule(module, 4, Schedule1F1B)
+    batch = prepared_batch([0, 0, 2, 1, 0, 3], 4)
+    with pp_media.stage_vlm_media_for_pp(schedule, [module], batch):
+        schedule.step(batch["input_ids"], target=torch.zeros(6, 3))
+    # Shape inference forward (microbatch 0) first, then microbatches 0..3.
+    assert [seen["chunk_idx"] for seen in module.seen] == [0, 0, 1, 2, 3]
+    assert [seen["samples"] for seen in module.seen] == [[0, 1], [0, 1], [2, 3], [4], [5]]
+    assert [seen["owners"] for seen in module.seen] == [[], [], [2, 2, 3], [], [5, 5, 5]]
+    assert pp_media.VLM_PP_MEDIA_KEY not in batch
+
+
+def test_current_media_is_none_outside_a_staged_step() -> None:
+    module = Recorder()
+    assert pp_media.current_media(module) is None
+    schedule = make_schedule(module, 2)
+    batch = prepared_batch([1, 1, 1, 1], 2)
+    with pp_media.stage_vlm_media_for_pp(schedule, [module], batch):
+        assert pp_media.current_media(module) is None  # staged, but no forward running
+        schedule.step(batch["input_ids"], target=torch.zeros(4, 3))
+    assert pp_media.current_media(module) is None
+
+
+def _assert_released(module: nn.Module, schedule: Any, refs: list[weakref.ref]) -> None:
+    for attr in COMPAT_ATTRS:
+        assert getattr(module, attr) is None, attr
+    assert module._pp_media_state is None
+    stage = schedule._stage
+    assert "forward_one_chunk" not in vars(stage)
+    assert "_prepare_forward_infra" not in vars(stage)
+    gc.collect()
+    alive = [ref() for ref in refs if ref() is not None]
+    assert not alive, f"{len(alive)} media tensors are still referenced"
+
+
+def _media_refs(batch: dict[str, Any]) -> list[weakref.ref]:
+    media = batch[pp_media.VLM_PP_MEDIA_KEY]
+    return [weakref.ref(chunk) for chunks in media.values() for chunk in chunks]
+
+
+def test_nothing_refers_to_the_media_after_the_step() -> None:
+    module = Recorder()
+    schedule = make_schedule(module, 2)
+    batch = prepared_batch([1, 2, 0, 1], 2)
+    refs = _media_refs(batch)
+    with pp_media.stage_vlm_media_for_pp(schedule, [module], batch):
+        schedule.step(batch["input_ids"], target=torch.zeros(4, 3))
+    module.seen.clear()
+    _assert_released(module, schedule, refs)
+
+
+def test_nothing_refers_to_the_media_after_a_failing_step() -> None:
+    module = Recorder(fail_on_microbatch=3)
+    schedule = make_schedule(module, 2)
+    batch = prepared_batch([1, 2, 0, 1], 2)
+    refs = _media_refs(batch)
+    raised = False
+    try:
+        with pp_media.stage_vlm_media_for_pp(schedule, [module], batch):
+            schedule.step(batch["input_ids"], target=torch.zeros(4, 3))
+    except RuntimeError as error:
+        raised = "boom" in repr(error.__cause__)
+    assert raised
+    module.seen.clear()
+    schedule._stage.clear_runtime_states()  # torch's own per-step caches
+    _assert_released(module, schedule, refs)
+
+
+def test_without_a_torch_stage_a_pending_shape_inference_forward_resets_the_index() -> None:
+    class SeedStyle(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.used = [*getattr(self, "used", []), self._vlm_chunk_idx]
+            self._vlm_chunk_idx += 1
+            return x
+
+    module = SeedStyle()
+    pending = SimpleNamespace(_stage_forward_initialized=False)
+    pp = SimpleNamespace(info=SimpleNamespace(has_first_stage=True, schedule=pending))
+    with pp_media.stage_vlm_media_for_pp(pp, [module], prepared_batch([1, 1], 2)):
+        for _ in range(3):  # shape inference, then microbatches 0 and 1
+            module(torch.zeros(1))
+    assert module.used == [0, 0, 1]
+
+    module.used = []
+    initialized = SimpleNamespace(_stage_forward_initialized=True)
+    pp = SimpleNamespace(info=SimpleNamespace(has_first_stage=True, schedule=initialized))
+    with pp_media.stage_vlm_media_for_pp(pp, [module], prepared_batch([1, 1], 2)):
+        for _ in range(2):
+            module(torch.zeros(1))
+    assert module.used == [0, 1]
+
+
+def test_current_media_without_a_torch_stage_says_how_to_fix_it() -> None:
+    module = Recorder()
+    pp = SimpleNamespace(info=SimpleNamespace(has_first_stage=True))
+    with (
+        pp_media.stage_vlm_media_for_pp(pp, [module], prepared_batch([1, 1], 2)),
+        pytest.raises(RuntimeError, match=re.escape("Pass the torch schedule itself as pp")),
+    ):
+        pp_media.current_media(module)
+
+
+def test_a_rank_without_stage_0_only_drops_the_media() -> None:
+    module = Recorder()
+    pp = SimpleNamespace(info=SimpleNamespace(has_first_stage=False))
+    batch = prepared_batch([1, 1], 2)
+    with pp_media.stage_vlm_media_for_pp(pp, [module], batch):
+        assert pp_media.VLM_PP_MEDIA_KEY not in batch
+        assert getattr(module, "_pp_media_state", None) is None
+        assert not hasattr(module, "_vlm_pixel_values_chunks")
+
+
+def test_a_batch_without_media_stages_nothing() -> None:
+    module = Recorder()
+    schedule = make_schedule(module, 2)
+    batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long)}
+    with pp_media.stage_vlm_media_for_pp(schedule, [module], batch):
+        assert getattr(module, "_pp_media_state", None) is None
+    assert "forward_one_chunk" not in vars(schedule._stage)
+
+
+def test_nested_staging_is_refused_and_keeps_the_inner_batch() -> None:
+    module = Recorder()
+    schedule = make_schedule(module, 2)
+    outer, inner = prepared_batch([1, 1], 2), prepared_batch([1, 1], 2)
+    with pp_media.stage_vlm_media_for_pp(schedule, [module], outer):
+        with (
+            pytest.raises(RuntimeError, match="cannot be nested"),
+            pp_media.stage_vlm_media_for_pp(schedule, [module], inner),
+        ):
+            pass
+        assert pp_media.VLM_PP_MEDIA_KEY in inner
+
+
+def test_media_prepared_for_fewer_microbatches_than_the_schedule_runs() -> None:
+    module = Recorder()
+    schedule = make_schedule(module, 4)
+    batch = prepared_batch([1, 1, 1, 1], 2)
+    with (
+        pytest.raises(RuntimeError) as failure,
+        pp_media.stage_vlm_media_for_pp(schedule, [module], batch),
+    ):
+        schedule.step(batch["input_ids"], target=torch.zeros(4, 3))
+    cause = repr(failure.value.__cause__)
+    assert "the schedule computes microbatch 2 but the media were prepared for 2" in cause
+
+
+def test_pp_that_is_neither_a_schedule_nor_the_seed_type() -> None:
+    with (
+        pytest.raises(TypeError, match="pp must be a torch pipeline schedule"),
+        pp_media.stage_vlm_media_for_pp(object(), [Recorder()], {}),
+    ):
+        pass
+
+
+def test_pp_info_that_contradicts_the_torch_stages() -> None:
+    schedule = make_schedule(Recorder(), 2)
+    pp = SimpleNamespace(info=SimpleNamespace(has_first_stage=False, schedule=schedule))
+    with (
+        pytest.raises(ValueError, match=re.escape("pp.info.has_first_stage is False")),
+        pp_media.stage_vlm_media_for_pp(pp, [Recorder()], prepared_batch([1, 1], 2)),
+    ):
+        pass
+
+
+def test_step_with_media_passes_media_as_kwargs_and_skips_text_only_microbatches() -> None:
+    module = Recorder()
+    schedule = make_schedule(module, 3)
+    batch = prepared_batch([0, 2, 1], 3)
+    media = batch.pop(pp_media.VLM_PP_MEDIA_KEY)
+    pp_media.step_with_media(schedule, batch["input_ids"], media=media, target=torch.zeros(3, 3))
+    kwargs_seen = [seen["kwargs"] for seen in module.seen]
+    # Shape inference and microbatch 0 are text-only: no media kwargs at all.
+    assert kwargs_seen == [
+        [],
+        [],
+        ["image_grid_thw", "pixel_values"],
+        ["image_grid_thw", "pixel_values"],
+    ]
+    assert "forward_one_chunk" not in vars(schedule._stage)
