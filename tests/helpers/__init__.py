@@ -1,0 +1,1 @@
+"""Shared builders and checks for the pp_media test suite (import as ``tests.helpers``)."""
