@@ -7,19 +7,29 @@ and M microbatches the first ``B % M`` microbatches get ``B // M + 1`` samples, 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
-def sample_bounds(batch_size: int, n_microbatches: int) -> list[int]:
+@functools.lru_cache(maxsize=256)
+def sample_bounds(batch_size: int, n_microbatches: int) -> tuple[int, ...]:
     """``M + 1`` sample offsets; microbatch k owns samples ``[b[k], b[k + 1])``."""
     base, extra = divmod(batch_size, n_microbatches)
-    return [k * base + min(k, extra) for k in range(n_microbatches + 1)]
+    return tuple(k * base + min(k, extra) for k in range(n_microbatches + 1))
 
 
+@functools.lru_cache(maxsize=256)
 def sample_bounds_tensor(
     batch_size: int, n_microbatches: int, device: torch.device
 ) -> torch.Tensor:
-    """``sample_bounds`` built on ``device`` without a host-to-device copy."""
+    """``sample_bounds`` built on ``device`` without a host-to-device copy (cached: read-only)."""
     base, extra = divmod(batch_size, n_microbatches)
     k = torch.arange(n_microbatches + 1, device=device, dtype=torch.int64)
     return k * base + k.clamp(max=extra)
+
+
+@functools.lru_cache(maxsize=256)
+def sample_ends_tensor(batch_size: int, n_microbatches: int, device: torch.device) -> torch.Tensor:
+    """Index of the last sample of each microbatch, on ``device`` (cached: read-only)."""
+    return sample_bounds_tensor(batch_size, n_microbatches, device)[1:] - 1

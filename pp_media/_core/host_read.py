@@ -16,14 +16,16 @@ class DeferredHostRead:
         self._parts: list[torch.Tensor] = []
 
     def add(self, values: torch.Tensor) -> int:
-        """Queue a 1-D integer tensor; returns the handle to look its values up after ``read``."""
-        self._parts.append(values.reshape(-1).to(torch.int64))
+        """Queue a 1-D int64 tensor; returns the handle to look its values up after ``read``."""
+        self._parts.append(values)
         return len(self._parts) - 1
 
     def read(self) -> list[list[int]]:
         """One host read for everything queued; ``result[handle]`` is that tensor's values."""
         if not self._parts:
             return []
+        if len(self._parts) == 1:
+            return [self._parts[0].tolist()]
         devices = {part.device for part in self._parts}
         # Mixed devices are gathered on the CPU, one copy each.
         parts = [part.cpu() for part in self._parts] if len(devices) > 1 else self._parts

@@ -7,12 +7,14 @@ read, ``finish`` checks the values and slices every field into per-microbatch vi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from pp_media._core.bounds import sample_bounds, sample_bounds_tensor
+from pp_media._core.bounds import sample_bounds, sample_bounds_tensor, sample_ends_tensor
 from pp_media._core.errors import media_error, require_int_tensor, require_tensor
 from pp_media._core.host_read import DeferredHostRead
 
@@ -20,19 +22,32 @@ Chunks = dict[str, list[torch.Tensor]]
 Finish = Callable[[list[list[int]]], Chunks]
 
 
-def split_rows(tensor: torch.Tensor, bounds: list[int]) -> list[torch.Tensor]:
+def split_rows(tensor: torch.Tensor, bounds: Sequence[int]) -> list[torch.Tensor]:
     """Views of ``tensor`` along dim 0 between consecutive ``bounds`` (first 0, last len)."""
-    return list(torch.tensor_split(tensor, bounds[1:-1]))
+    sizes = [end - start for start, end in itertools.pairwise(bounds)]
+    return list(tensor.split_with_sizes(sizes))
 
 
-def _with_leading_zero(values: torch.Tensor) -> torch.Tensor:
-    zero = torch.zeros(1, dtype=torch.int64, device=values.device)
-    return torch.cat([zero, values.to(torch.int64).cumsum(0)])
+def _offsets(values: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix sums with the total appended: ``[0, v0, v0 + v1, ...]`` (int64)."""
+    return F.pad(values.cumsum(0), (1, 0))
 
 
 def _require_rows(field: str, tensor: torch.Tensor, rows: int, meaning: str, fix: str = "") -> None:
     if tensor.dim() == 0 or tensor.shape[0] != rows:
         raise media_error(field, tensor, f"dim 0 of size {rows} ({meaning})", fix)
+
+
+def _raise_negative(group: MediaGroup, counts: torch.Tensor | None, grid: torch.Tensor) -> None:
+    """Name the field with a negative entry (error path: an extra host read is fine here)."""
+    if counts is not None and int(counts.min()) < 0:
+        raise media_error(
+            group.counts_name,
+            counts,
+            "non-negative item counts",
+            f"Its minimum is {int(counts.min())}.",
+        )
+    raise media_error(group.grid_name, grid, "non-negative grid entries")
 
 
 @dataclass(frozen=True)
@@ -91,56 +106,58 @@ def plan_media_group(
         )
 
     device = grid.device
-    samples = sample_bounds_tensor(batch_size, n_microbatches, device)
     queued: list[torch.Tensor] = []
+    non_negative: list[torch.Tensor] = []
     if counts is not None:
-        count_offsets = _with_leading_zero(counts.to(device))
-        item_bounds = count_offsets[samples]
-        queued += [item_bounds, count_offsets[-1:], counts.min().reshape(1).to(device)]
-    else:
-        item_bounds = samples
+        counts = counts if counts.device == device else counts.to(device)
+        # Item offset at the end of each microbatch; the last one is the sum of the counts.
+        item_ends = counts.cumsum(0).index_select(
+            0, sample_ends_tensor(batch_size, n_microbatches, device)
+        )
+        queued.append(item_ends)
+        non_negative.append(counts)
     if not per_item:
-        sizes = grid.to(torch.int64).prod(dim=1)
-        patch_offsets = _with_leading_zero(sizes)
-        patch_bounds = patch_offsets[item_bounds.clamp(0, n_items)]
-        min_size = sizes.min().reshape(1) if n_items else torch.zeros(1, device=device)
-        queued += [patch_bounds, patch_offsets[-1:], min_size.to(torch.int64)]
+        sizes = grid.prod(dim=1)
+        # Clamped so that counts which do not sum to the grid's rows still index safely on
+        # any device; finish() reports them.
+        ends = (
+            item_ends.clamp(0, n_items)
+            if counts is not None
+            else sample_bounds_tensor(batch_size, n_microbatches, device)[1:]
+        )
+        queued.append(_offsets(sizes).index_select(0, ends))
+        non_negative.append(sizes)
+    if non_negative:
+        queued.append(torch.cat(non_negative).min().view(1))
     handle = reader.add(torch.cat(queued)) if queued else None
-    m1 = n_microbatches + 1
+    m = n_microbatches
 
     def finish(values: list[list[int]]) -> Chunks:
         row = values[handle] if handle is not None else []
+        if row and row[-1] < 0:
+            _raise_negative(group, counts, grid)
         sample_b = sample_bounds(batch_size, n_microbatches)
-        item_b = sample_b
+        item_b: Sequence[int] = sample_b
         if counts is not None:
-            item_b, (count_sum, count_min), row = row[:m1], row[m1 : m1 + 2], row[m1 + 2 :]
-            if count_min < 0:
-                raise media_error(
-                    group.counts_name,
-                    counts,
-                    "non-negative item counts",
-                    f"Its minimum is {count_min}.",
-                )
-            if count_sum != n_items:
+            item_b, row = (0, *row[:m]), row[m:]
+            if item_b[-1] != n_items:
                 raise media_error(
                     group.counts_name,
                     counts,
                     f"counts that sum to {n_items}, the rows of '{group.grid_name}' "
                     f"(shape {tuple(grid.shape)})",
-                    f"They sum to {count_sum}.",
+                    f"They sum to {item_b[-1]}.",
                 )
         pixel_b = item_b
         if not per_item:
-            pixel_b, (total, min_size) = row[:m1], row[m1 : m1 + 2]
-            if min_size < 0:
-                raise media_error(group.grid_name, grid, "non-negative grid entries")
-            if total != pixels.shape[0]:
+            pixel_b = (0, *row[:m])
+            if pixel_b[-1] != pixels.shape[0]:
                 raise media_error(
                     group.pixels_name,
                     pixels,
-                    f"dim 0 of size {total}: the patches described by '{group.grid_name}' "
-                    f"(shape {tuple(grid.shape)}, sum over rows of the row product), "
-                    f"or {n_items}: one row per item",
+                    f"dim 0 of size {pixel_b[-1]}: the patches described by "
+                    f"'{group.grid_name}' (shape {tuple(grid.shape)}, sum over rows of the row "
+                    f"product), or {n_items}: one row per item",
                     "Check that the grid belongs to these pixel values.",
                 )
         chunks: Chunks = {
@@ -193,13 +210,15 @@ def plan_patch_mapped(
             raise media_error(name, tensor, "at least one dimension")
     flat_pixels = pixels.shape[0] != batch_size
 
-    offsets = _with_leading_zero(counts)
     samples = sample_bounds_tensor(batch_size, n_microbatches, counts.device)
-    handle = reader.add(torch.cat([offsets[samples], offsets[-1:], counts.min().reshape(1)]))
+    handle = reader.add(
+        torch.cat([_offsets(counts).index_select(0, samples), counts.min().view(1)])
+    )
     m1 = n_microbatches + 1
 
     def finish(values: list[list[int]]) -> Chunks:
-        patch_b, (total, count_min) = values[handle][:m1], values[handle][m1:]
+        patch_b, count_min = values[handle][:m1], values[handle][m1]
+        total = patch_b[-1]
         if count_min < 0:
             raise media_error(
                 "num_patches", counts, "non-negative crop counts", f"Its minimum is {count_min}."
