@@ -21,7 +21,7 @@ from pp_media import (
     wrap_vlm_collate_for_pp,
 )
 from tests.helpers import media_batches as mb
-from tests.helpers.strategies import IMAGE_LAYOUTS, BatchSpec, build_batch
+from tests.helpers.strategies import IMAGE_LAYOUTS, build_batch, example_spec
 
 EMPTY = inspect.Parameter.empty
 
@@ -422,20 +422,10 @@ def test_storage_format_empty_step3_microbatch() -> None:
     assert stored["patch_newline_mask"][3].dtype == torch.bool
 
 
-def _layout_spec(layout: str) -> BatchSpec:
-    counts = (0, 1, 2, 0, 1)
-    grids = {
-        "qwen": ((1, 1, 2), (1, 2, 1), (2, 1, 1), (1, 1, 1)),
-        "qwen_legacy": tuple((1, 1, 1 + i) for i in range(5)),
-        "kimi": ((1, 2), (2, 1), (1, 1), (2, 2)),
-    }.get(layout, ())
-    return BatchSpec(layout, 5, 2, counts, grids, (1, 0, 0, 1, 0), ((1, 1, 1), (1, 1, 2)))
-
-
 @pytest.mark.parametrize("layout", [name for name in IMAGE_LAYOUTS if name != "plain"])
 def test_stored_keys_are_the_batch_media_keys(layout: str) -> None:
     """The stored dict has exactly the media fields the collated batch had, no others."""
-    media = build_batch(_layout_spec(layout))
+    media = build_batch(example_spec(layout))
     present = {key for key in _VLM_MEDIA_KEYS if key in media.batch}
     stored = _media(prepare_vlm_media_for_pp(media.batch, 5, 2))
     assert set(stored) == present

@@ -191,3 +191,22 @@ def build_batch(spec: BatchSpec) -> mb.MediaBatch:
     if spec.video_counts is not None:
         groups.append(mb.qwen_videos(spec.video_counts, spec.video_grids))
     return mb.combine(spec.batch_size, *groups)
+
+
+def example_spec(layout: str, n_microbatches: int = 2, videos: bool = True) -> BatchSpec:
+    """A fixed 5-sample spec of ``layout`` (text-only samples included), with or without videos."""
+    grids = {
+        "qwen": ((1, 1, 2), (1, 2, 1), (2, 1, 1), (1, 1, 1)),
+        "qwen_legacy": tuple((1, 1, 1 + i) for i in range(5)),
+        "kimi": ((1, 2), (2, 1), (1, 1), (2, 2)),
+    }.get(layout, ())
+    counts = (0, 1, 2, 0, 1) if layout != "step3_flat" else (0, 1, 2, 0, 3)
+    return BatchSpec(
+        layout=layout,
+        batch_size=5,
+        n_microbatches=n_microbatches,
+        counts=counts,
+        grids=grids,
+        video_counts=(1, 0, 0, 1, 0) if videos or layout == "none" else None,
+        video_grids=((1, 1, 1), (1, 1, 2)),
+    )
