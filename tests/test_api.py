@@ -224,12 +224,6 @@ def test_chunk_vlm_media_takes_selected_grid(grid_key: str) -> None:
     mb.assert_chunks_aligned({"pixel_values": pixel_chunks, grid_key: grid_chunks}, media, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chunk_vlm_media rejects [n, P, 2] image_position_ids as 'not a 2-D integer tensor' "
-    "unless grid_name='image_position_ids' is passed, although per-image pixel values never "
-    "use the grid's shape and prepare_vlm_media_for_pp accepts the same batch",
-)
 def test_chunk_vlm_media_takes_3d_position_ids() -> None:
     """Gemma-style ``image_position_ids [n, P, 2]`` straight from ``_select_image_grid``."""
     media = mb.combine(3, mb.gemma_images([1, 0, 2], n_patches=3, two_d=True))
@@ -431,12 +425,6 @@ def test_stored_keys_are_the_batch_media_keys(layout: str) -> None:
     assert set(stored) == present
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prepare_vlm_media_for_pp adds a 'num_patches' field (zeros) to a batch whose "
-    "only media field is pixel_values [B, C, H, W]; stage 0 then gets num_patches= that "
-    "the processor never produced",
-)
 def test_plain_batch_keeps_processor_field_names() -> None:
     """LLaVA-1.5 / PaliGemma: only ``pixel_values`` is stored."""
     media = mb.combine(4, mb.plain_images(4))
@@ -444,12 +432,6 @@ def test_plain_batch_keeps_processor_field_names() -> None:
     assert set(stored) == {"pixel_values"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pixel_values [n_images, C, H, W] with n_images_per_sample and no grid: the "
-    "counts are split per sample but the images one per sample when n_images == B, so a "
-    "microbatch's images disagree with its n_images_per_sample chunk (no error)",
-)
 def test_per_image_pixels_follow_counts_without_grid() -> None:
     """Counts [2, 0, 1]: sample 0's second image must not land in sample 1's microbatch.
 

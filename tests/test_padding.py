@@ -54,3 +54,11 @@ def test_custom_pad_values() -> None:
     batch = {"input_ids": torch.ones(3, 2, dtype=torch.long)}
     pp_media.pad_to_even_microbatches(batch, 3, 2, pad_values={"input_ids": 7})
     assert batch["input_ids"][:, 0].tolist() == [1, 1, 1, 7]
+
+
+def test_keys_limit_the_padding() -> None:
+    position_ids = torch.zeros(3, 3, 4)  # M-RoPE [3, B, T] with B=3: dim 0 is not the batch
+    batch = {"input_ids": torch.ones(3, 4, dtype=torch.long), "position_ids": position_ids}
+    pp_media.pad_to_even_microbatches(batch, 3, 2, keys={"input_ids"})
+    assert batch["input_ids"].shape == (4, 4)
+    assert batch["position_ids"] is position_ids

@@ -61,7 +61,7 @@ class Recorder(nn.Module):
         self.seen.append(
             {
                 "samples": input_ids[:, 0].tolist(),
-                "chunk_idx": self._vlm_chunk_idx,
+                "chunk_idx": getattr(self, "_vlm_chunk_idx", None),
                 "owners": owners,
                 "kwargs": sorted(media_kwargs),
             }

@@ -36,17 +36,11 @@ def require_tensor(field: str, value: Any) -> torch.Tensor:
     return value
 
 
-def require_int_tensor(
-    field: str, value: Any, ndim: int | None, *, min_ndim: int = 1
-) -> torch.Tensor:
-    """Return ``value`` if it is an integer tensor of ``ndim`` dims (or at least ``min_ndim``)."""
+def require_int_tensor(field: str, value: Any, ndim: int) -> torch.Tensor:
+    """Return ``value`` if it is an integer tensor with ``ndim`` dims, else raise."""
     tensor = require_tensor(field, value)
-    is_int = not tensor.dtype.is_floating_point and not tensor.dtype.is_complex
-    is_int = is_int and tensor.dtype != torch.bool
-    ndim_ok = tensor.dim() == ndim if ndim is not None else tensor.dim() >= min_ndim
-    if not (is_int and ndim_ok):
-        dims = f"{ndim}-D" if ndim is not None else f"at least {min_ndim}-D"
-        raise media_error(field, tensor, f"a {dims} integer tensor")
+    if tensor.dim() != ndim or tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+        raise media_error(field, tensor, f"a {ndim}-D integer tensor")
     return tensor
 
 

@@ -9,7 +9,7 @@ gives it in the unpadded batch, so the media already split for B stay aligned.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Collection, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ def pad_to_even_microbatches(
     n_microbatches: int,
     *,
     pad_values: Mapping[str, int | float] | None = None,
+    keys: Collection[str] | None = None,
 ) -> MutableMapping[str, Any]:
     """Give every microbatch ``ceil(B / M)`` rows by appending pad rows to the short ones.
 
@@ -36,7 +37,9 @@ def pad_to_even_microbatches(
     ``M * ceil(B / M)`` rows: the engine's split of the result gives microbatch k exactly the
     samples it gets from the unpadded batch, followed by pad rows. Pad values come from
     ``pad_values`` (default: ``labels`` -100, ``attention_mask`` 1, anything else 0). Media
-    under ``VLM_PP_MEDIA_KEY`` are untouched; pad rows carry none. Returns ``batch``.
+    under ``VLM_PP_MEDIA_KEY`` are untouched; pad rows carry none. ``keys`` limits the padding
+    to those fields (for a tensor whose dim 0 only happens to equal B, such as M-RoPE
+    ``position_ids [3, B, T]`` with B=3). Returns ``batch``.
     """
     check_microbatches(batch_size, n_microbatches)
     per_microbatch = -(-batch_size // n_microbatches)
@@ -52,6 +55,8 @@ def pad_to_even_microbatches(
     )
     for key, tensor in list(batch.items()):
         if key == VLM_PP_MEDIA_KEY or not isinstance(tensor, torch.Tensor):
+            continue
+        if keys is not None and key not in keys:
             continue
         if tensor.dim() == 0 or tensor.shape[0] != batch_size:
             continue

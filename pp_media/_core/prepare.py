@@ -29,12 +29,14 @@ def _plan_images(
     reader: DeferredHostRead,
 ) -> tuple[list[Finish], set[str]]:
     grids = [key for key in IMAGE_GRID_KEYS if key in present]
-    if grids:
+    step3 = [key for key in _STEP3_KEYS if key in present]
+    if grids or not step3:
+        # A grid, or per-image pixel values mapped by n_images_per_sample (or one per sample).
         group = MediaGroup(
             "pixel_values",
             present["pixel_values"],
-            grids[0],
-            present[grids[0]],
+            grids[0] if grids else None,
+            present[grids[0]] if grids else None,
             "n_images_per_sample",
             present.get("n_images_per_sample"),
             extra_rows=tuple((key, present[key]) for key in grids[1:]),
@@ -42,12 +44,15 @@ def _plan_images(
         plan = plan_media_group(group, batch_size, n_microbatches, reader)
         return [plan], {"pixel_values", "n_images_per_sample", *grids}
     plans = [
-        plan_patch_mapped(
-            present["pixel_values"],
-            batch_size,
-            n_microbatches,
-            reader,
-            **{key: present.get(key) for key in _STEP3_KEYS},
+        _only_given(
+            plan_patch_mapped(
+                present["pixel_values"],
+                batch_size,
+                n_microbatches,
+                reader,
+                **{key: present.get(key) for key in _STEP3_KEYS},
+            ),
+            given={"pixel_values", *step3},
         )
     ]
     if "n_images_per_sample" in present:
@@ -57,6 +62,11 @@ def _plan_images(
             )
         )
     return plans, {"pixel_values", "n_images_per_sample", *_STEP3_KEYS}
+
+
+def _only_given(finish: Finish, given: set[str]) -> Finish:
+    """Keep only the fields the batch had: stage 0 must not get a ``num_patches`` it never had."""
+    return lambda values: {name: chunks for name, chunks in finish(values).items() if name in given}
 
 
 def _plan_videos(

@@ -52,12 +52,15 @@ def _raise_negative(group: MediaGroup, counts: torch.Tensor | None, grid: torch.
 
 @dataclass(frozen=True)
 class MediaGroup:
-    """One media group of a batch: a pixel tensor, its per-item grid, per-sample counts."""
+    """One media group of a batch: a pixel tensor, its per-item grid, per-sample counts.
+
+    Without a grid, dim 0 of the pixel tensor counts items (one row per image).
+    """
 
     pixels_name: str
     pixels: object
-    grid_name: str
-    grid: object
+    grid_name: str | None
+    grid: object | None
     counts_name: str
     counts: object | None
     extra_rows: tuple[tuple[str, object], ...] = ()
@@ -74,14 +77,24 @@ def plan_media_group(
     pixels = require_tensor(group.pixels_name, group.pixels)
     if pixels.dim() == 0:
         raise media_error(group.pixels_name, pixels, "at least one dimension")
-    multi_dim_grid = group.grid_name == "image_position_ids"
-    grid = require_int_tensor(
-        group.grid_name, group.grid, None if multi_dim_grid else 2, min_ndim=2
-    )
-    n_items = grid.shape[0]
+    # Per-image layouts only split the grid by rows (Gemma's position ids are [n, P, 2]);
+    # flat layouts also need each row's patch count, checked below.
+    grid = None
+    if group.grid_name is not None:
+        grid = require_tensor(group.grid_name, group.grid)
+        if grid.dim() < 2 or grid.dtype.is_floating_point or grid.dtype == torch.bool:
+            raise media_error(
+                group.grid_name,
+                grid,
+                "a 2-D integer tensor with one row per item (per-image layouts also accept "
+                "more dims, such as Gemma's [n_images, P, 2] image_position_ids)",
+            )
+    items_name = group.grid_name or group.pixels_name
+    items = grid if grid is not None else pixels
+    n_items = items.shape[0]
     extra_rows = [(name, require_tensor(name, value)) for name, value in group.extra_rows]
     for name, tensor in extra_rows:
-        _require_rows(name, tensor, n_items, f"one row per row of '{group.grid_name}'")
+        _require_rows(name, tensor, n_items, f"one row per row of '{items_name}'")
 
     counts = None
     if group.counts is not None:
@@ -89,8 +102,8 @@ def plan_media_group(
         _require_rows(group.counts_name, counts, batch_size, "one count per sample")
     elif n_items != batch_size:
         raise media_error(
-            group.grid_name,
-            grid,
+            items_name,
+            items,
             f"{batch_size} rows (one item per sample) when '{group.counts_name}' is not given",
             f"The batch has {batch_size} samples and {n_items} items: pass "
             f"'{group.counts_name}' (shape [{batch_size}]) with each sample's item count.",
@@ -99,13 +112,14 @@ def plan_media_group(
     per_item = pixels.shape[0] == n_items
     if not per_item and grid.dim() != 2:
         raise media_error(
-            group.pixels_name,
-            pixels,
-            f"dim 0 equal to the {n_items} rows of '{group.grid_name}' (one row per item)",
-            "Flat patch layouts need a 2-D patch grid such as image_grid_thw.",
+            group.grid_name,
+            grid,
+            f"a 2-D integer tensor (one patch-grid row per item) for the flat "
+            f"'{group.pixels_name}' of shape {tuple(pixels.shape)}",
+            f"Or give '{group.pixels_name}' one row per item ({n_items} rows).",
         )
 
-    device = grid.device
+    device = items.device
     queued: list[torch.Tensor] = []
     non_negative: list[torch.Tensor] = []
     if counts is not None:
@@ -135,7 +149,7 @@ def plan_media_group(
     def finish(values: list[list[int]]) -> Chunks:
         row = values[handle] if handle is not None else []
         if row and row[-1] < 0:
-            _raise_negative(group, counts, grid)
+            _raise_negative(group, counts, items)
         sample_b = sample_bounds(batch_size, n_microbatches)
         item_b: Sequence[int] = sample_b
         if counts is not None:
@@ -144,8 +158,8 @@ def plan_media_group(
                 raise media_error(
                     group.counts_name,
                     counts,
-                    f"counts that sum to {n_items}, the rows of '{group.grid_name}' "
-                    f"(shape {tuple(grid.shape)})",
+                    f"counts that sum to {n_items}, the rows of '{items_name}' "
+                    f"(shape {tuple(items.shape)})",
                     f"They sum to {item_b[-1]}.",
                 )
         pixel_b = item_b
@@ -160,10 +174,9 @@ def plan_media_group(
                     f"product), or {n_items}: one row per item",
                     "Check that the grid belongs to these pixel values.",
                 )
-        chunks: Chunks = {
-            group.pixels_name: split_rows(pixels, pixel_b),
-            group.grid_name: split_rows(grid, item_b),
-        }
+        chunks: Chunks = {group.pixels_name: split_rows(pixels, pixel_b)}
+        if grid is not None:
+            chunks[group.grid_name] = split_rows(grid, item_b)
         if counts is not None:
             chunks[group.counts_name] = split_rows(counts, sample_b)
         for name, tensor in extra_rows:

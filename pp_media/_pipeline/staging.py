@@ -175,6 +175,19 @@ class _StageHooks:
             self._stage.__dict__.pop(name, None)
 
 
+def _stage0_module(model_parts: Sequence[nn.Module], view: PipelineView) -> nn.Module:
+    """The torch stage-0 module when it is one of ``model_parts``, else ``model_parts[0]``.
+
+    V-shaped schedules put stage 0 and the last stage on one rank; matching by identity keeps
+    the media on stage 0 whatever order the caller lists its parts in.
+    """
+    if view.first_stage is not None:
+        for part in model_parts:
+            if part is view.first_stage.submod:
+                return part
+    return model_parts[0]
+
+
 def _shape_inference_pending(schedule: Any) -> bool:
     return any(
         getattr(schedule, flag, None) is False
@@ -211,7 +224,7 @@ class MediaStaging:
             return self
         if not model_parts:
             raise ValueError("pp_media: model_parts is empty; expected this rank's stage modules.")
-        module = model_parts[0]
+        module = _stage0_module(model_parts, view)
         if getattr(module, _STATE_ATTR, None) is not None:
             raise RuntimeError(
                 "pp_media: the stage-0 module already has media staged; stage_vlm_media_for_pp "
