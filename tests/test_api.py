@@ -416,7 +416,7 @@ def test_storage_format_empty_step3_microbatch() -> None:
     assert stored["patch_newline_mask"][3].dtype == torch.bool
 
 
-@pytest.mark.parametrize("layout", [name for name in IMAGE_LAYOUTS if name != "plain"])
+@pytest.mark.parametrize("layout", IMAGE_LAYOUTS)
 def test_stored_keys_are_the_batch_media_keys(layout: str) -> None:
     """The stored dict has exactly the media fields the collated batch had, no others."""
     media = build_batch(example_spec(layout))
@@ -433,26 +433,13 @@ def test_plain_batch_keeps_processor_field_names() -> None:
 
 
 def test_per_image_pixels_follow_counts_without_grid() -> None:
-    """Counts [2, 0, 1]: sample 0's second image must not land in sample 1's microbatch.
-
-    Either the images follow ``n_images_per_sample`` or the batch is rejected; a silent
-    split that contradicts the counts is wrong.
-    """
-    counts = [2, 0, 1]
-    fields, rows = mb.grid_group(
-        counts,
-        [(1, 1)] * 3,
-        grid_key="unused",
-        grid_shape=(2,),
-        per_item_shape=(3, 2, 2),
-    )
-    del fields["unused"], rows["unused"]
-    media = mb.combine(3, (fields, rows))
-    try:
-        out = prepare_vlm_media_for_pp(media.batch, 3, 3)
-    except ValueError:
-        return
-    mb.assert_chunks_aligned(_media(out), media, 3, exact_keys=False)
+    """Counts [2, 0, 1], no grid: sample 0's second image stays in sample 0's microbatch
+    (n_images == B must not make the images split one per sample)."""
+    media = mb.combine(3, mb.per_image_counted_images([2, 0, 1]))
+    out = prepare_vlm_media_for_pp(media.batch, 3, 3)
+    assert set(_media(out)) == {"pixel_values", "n_images_per_sample"}
+    mb.assert_chunks_aligned(_media(out), media, 3)
+    assert _sizes(_media(out)["pixel_values"]) == [2, 0, 1]
 
 
 # --- wrap_vlm_collate_for_pp ------------------------------------------------------------

@@ -208,6 +208,19 @@ def images_4d_per_sample(batch_size: int) -> Group:
     )
 
 
+def per_image_counted_images(counts: Sequence[int]) -> Group:
+    """``pixel_values [n_images, 3, 2, 2]`` mapped by ``n_images_per_sample``; no grid."""
+    fields, per_sample = grid_group(
+        counts,
+        [(1, 1)] * sum(counts),
+        grid_key="image_sizes",
+        grid_shape=(2,),
+        per_item_shape=(3, 2, 2),
+    )
+    del fields["image_sizes"], per_sample["image_sizes"]
+    return fields, per_sample
+
+
 def step3_images(
     num_patches: Sequence[int],
     *,

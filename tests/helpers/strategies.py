@@ -23,6 +23,7 @@ IMAGE_LAYOUTS: tuple[str, ...] = (
     "gemma_per_sample",  # [B, P, 3] + image_position_ids [B, P], no counts
     "llava_next",  # [n_images, crops, C, H, W] + image_sizes
     "images_4d",  # [B, C, H, W] + image_sizes [B, 2], no counts
+    "per_image_counts",  # [n_images, C, H, W] + n_images_per_sample, no grid
     "plain",  # [B, C, H, W] and no metadata at all
     "step3",  # [B, C, H, W] + num_patches + patch_pixel_values + patch_newline_mask
     "step3_flat",  # flat [sum(num_patches), ...] + num_patches (+ crops / mask)
@@ -110,7 +111,7 @@ def batch_specs(
     grids: tuple[tuple[int, ...], ...] = ()
     step3_fields = (True, True, True)
     n_patches = draw(st.integers(1, 4))
-    if layout in ("qwen", "kimi", "gemma", "gemma_2d", "llava_next"):
+    if layout in ("qwen", "kimi", "gemma", "gemma_2d", "llava_next", "per_image_counts"):
         counts = _counts(draw, batch_size, 3)
         if layout in ("qwen", "kimi"):
             grids = _grids(draw, sum(counts), 3 if layout == "qwen" else 2)
@@ -168,6 +169,8 @@ def image_group(spec: BatchSpec) -> mb.Group | None:
         return mb.llava_next_images(counts)
     if layout == "images_4d":
         return mb.images_4d_per_sample(b)
+    if layout == "per_image_counts":
+        return mb.per_image_counted_images(counts)
     if layout == "plain":
         return mb.plain_images(b)
     if layout in ("step3", "step3_flat"):
