@@ -44,6 +44,11 @@ def plain_batch() -> dict[str, Any]:
     return mb.combine(B, mb.plain_images(B)).batch
 
 
+def per_image_batch() -> dict[str, Any]:
+    """A valid batch of per-image ``pixel_values [4, 3, 2, 2]`` mapped by counts, no grid."""
+    return mb.combine(B, mb.per_image_counted_images(IMAGE_COUNTS)).batch
+
+
 def edit(base: Callable[[], dict[str, Any]], **changes: Any) -> Callable[[], dict[str, Any]]:
     """``base()`` with fields replaced; a value of ``None`` deletes the field."""
 
@@ -163,6 +168,11 @@ CASES = [
         "second-grid-wrong-rows",
         edit(qwen_batch, image_sizes=torch.ones(3, 2, dtype=torch.int64)),
         ("'image_sizes'", "shape (3, 2)", "expected dim 0 of size 4"),
+    ),
+    Case(
+        "per-image-counts-do-not-sum-to-images",
+        edit(per_image_batch, n_images_per_sample=torch.tensor([0, 2, 1, 2])),
+        ("'n_images_per_sample'", "shape (4,)", "expected counts that sum to 4", "'pixel_values'"),
     ),
     Case(
         "pixel-values-list",
@@ -293,7 +303,7 @@ def test_prepare_rejects_and_keeps_the_batch(case: Case) -> None:
 
 def test_cases_are_valid_before_the_edit() -> None:
     """The unedited batches prepare without error (so each case fails for its own edit)."""
-    for build in (qwen_batch, step3_batch, plain_batch):
+    for build in (qwen_batch, step3_batch, plain_batch, per_image_batch):
         prepare_vlm_media_for_pp(build(), B, 2)
 
 
