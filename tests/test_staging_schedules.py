@@ -1,9 +1,14 @@
 """Every torch schedule, real gloo ranks: losses, gradients and stage-0 media match a reference.
 
 The worker (``distributed_worker.py``) runs all cases in one 2-rank process group, so the cost
-of starting processes is paid once. Tolerance: fp32, and the pipelined run sums the same
-per-token losses in a different order (per microbatch, then across microbatches), so results
-agree to rounding: 1e-5 absolute on values of order 1 (measured differences are ~1e-7).
+of starting processes is paid once.
+
+Tolerance 2e-6 absolute, fp32: the pipelined run computes the same per-token losses but sums
+them in another order (per microbatch, then across microbatches), and each stage's gradients
+accumulate over microbatches instead of in one backward. That reorders fp32 additions, so a few
+ulps of difference remain: the loss is about 3.5 (ulp 2.4e-7); measured on torch 2.13 CPU, the
+largest differences over all cases are 3.6e-7 for the loss and 4.6e-8 for any gradient entry.
+A misrouted image changes both by orders of magnitude more.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import distributed_worker as worker_module
 import pytest
 import torch.multiprocessing as mp
 
-TOLERANCE = 1e-5
+TOLERANCE = 2e-6
 CASES = worker_module.cases()
 
 
