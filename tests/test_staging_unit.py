@@ -270,3 +270,23 @@ def test_step_with_media_passes_media_as_kwargs_and_skips_text_only_microbatches
         ["image_grid_thw", "pixel_values"],
     ]
     assert "forward_one_chunk" not in vars(schedule._stage)
+
+
+def test_an_existing_instance_override_of_the_stage_is_put_back() -> None:
+    module = Recorder()
+    schedule = make_schedule(module, 2)
+    stage = schedule._stage
+    calls: list[int] = []
+    original = stage.forward_one_chunk
+
+    def counting_forward(fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+        calls.append(fwd_chunk_id)
+        return original(fwd_chunk_id, *args, **kwargs)
+
+    stage.forward_one_chunk = counting_forward
+    batch = prepared_batch([1, 0, 2, 1], 2)
+    with pp_media.stage_vlm_media_for_pp(schedule, [module], batch):
+        schedule.step(batch["input_ids"], target=torch.zeros(4, 3))
+    assert stage.forward_one_chunk is counting_forward
+    assert calls == [0, 1]
+    assert [seen["owners"] for seen in module.seen] == [[0], [0], [2, 2, 3]]

@@ -125,6 +125,12 @@ class _StageHooks:
         as_kwargs: bool,
     ) -> None:
         self._stage = stage
+        # Instance-level overrides someone else installed are put back on removal.
+        self._shadowed = {
+            name: vars(stage)[name]
+            for name in ("forward_one_chunk", "_prepare_forward_infra")
+            if name in vars(stage)
+        }
         original_forward = stage.forward_one_chunk
         original_infra = stage._prepare_forward_infra
 
@@ -172,7 +178,8 @@ class _StageHooks:
 
     def remove(self) -> None:
         for name in ("forward_one_chunk", "_prepare_forward_infra"):
-            self._stage.__dict__.pop(name, None)
+            vars(self._stage).pop(name, None)
+        vars(self._stage).update(self._shadowed)
 
 
 def _stage0_module(model_parts: Sequence[nn.Module], view: PipelineView) -> nn.Module:
