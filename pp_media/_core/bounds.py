@@ -20,6 +20,13 @@ def sample_bounds(batch_size: int, n_microbatches: int) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=256)
+def sample_row_counts(batch_size: int, n_microbatches: int) -> tuple[int, ...]:
+    """Samples per microbatch: ``B // M + 1`` for the first ``B % M``, then ``B // M``."""
+    base, extra = divmod(batch_size, n_microbatches)
+    return tuple(base + (k < extra) for k in range(n_microbatches))
+
+
+@functools.lru_cache(maxsize=256)
 def sample_bounds_tensor(
     batch_size: int, n_microbatches: int, device: torch.device
 ) -> torch.Tensor:

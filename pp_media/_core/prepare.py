@@ -95,6 +95,8 @@ def _plan_videos(
 
 
 def _reject_unaligned(present: Mapping[str, Any], consumed: set[str]) -> None:
+    if present.keys() <= consumed:
+        return
     for key in _VLM_MEDIA_KEYS:
         if key not in present or key in consumed:
             continue
@@ -126,7 +128,7 @@ def prepare_vlm_media_for_pp(
     A batch without media comes back unchanged. Returns ``batch`` (mutated in place).
     """
     check_microbatches(batch_size, n_microbatches)
-    present = {key: batch[key] for key in _VLM_MEDIA_KEYS if batch.get(key) is not None}
+    present = {key: value for key in _VLM_MEDIA_KEYS if (value := batch.get(key)) is not None}
     if not present:
         return batch
     if VLM_PP_MEDIA_KEY in batch:

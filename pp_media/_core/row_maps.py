@@ -7,14 +7,19 @@ read, ``finish`` checks the values and slices every field into per-microbatch vi
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from pp_media._core.bounds import sample_bounds, sample_bounds_tensor, sample_ends_tensor
+from pp_media._core.bounds import (
+    sample_bounds,
+    sample_bounds_tensor,
+    sample_ends_tensor,
+    sample_row_counts,
+)
 from pp_media._core.errors import media_error, require_int_tensor, require_tensor
 from pp_media._core.host_read import DeferredHostRead
 
@@ -22,15 +27,24 @@ Chunks = dict[str, list[torch.Tensor]]
 Finish = Callable[[list[list[int]]], Chunks]
 
 
-def split_rows(tensor: torch.Tensor, bounds: Sequence[int]) -> list[torch.Tensor]:
-    """Views of ``tensor`` along dim 0 between consecutive ``bounds`` (first 0, last len)."""
-    sizes = [end - start for start, end in itertools.pairwise(bounds)]
+def sizes_between(bounds: Sequence[int]) -> list[int]:
+    """Row counts between consecutive ``bounds``."""
+    return [end - start for start, end in itertools.pairwise(bounds)]
+
+
+def split_rows(tensor: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """Views of ``tensor`` along dim 0, ``sizes[k]`` rows for microbatch k."""
     return list(tensor.split_with_sizes(sizes))
 
 
 def _offsets(values: torch.Tensor) -> torch.Tensor:
     """Exclusive prefix sums with the total appended: ``[0, v0, v0 + v1, ...]`` (int64)."""
-    return F.pad(values.cumsum(0), (1, 0))
+    return torch.cat((_zero(values.device), values.cumsum(0)))
+
+
+@functools.lru_cache(maxsize=16)
+def _zero(device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int64, device=device)
 
 
 def _require_rows(field: str, tensor: torch.Tensor, rows: int, meaning: str, fix: str = "") -> None:
@@ -50,8 +64,7 @@ def _raise_negative(group: MediaGroup, counts: torch.Tensor | None, grid: torch.
     raise media_error(group.grid_name, grid, "non-negative grid entries")
 
 
-@dataclass(frozen=True)
-class MediaGroup:
+class MediaGroup(NamedTuple):
     """One media group of a batch: a pixel tensor, its per-item grid, per-sample counts.
 
     Without a grid, dim 0 of the pixel tensor counts items (one row per image).
@@ -150,8 +163,7 @@ def plan_media_group(
         row = values[handle] if handle is not None else []
         if row and row[-1] < 0:
             _raise_negative(group, counts, items)
-        sample_b = sample_bounds(batch_size, n_microbatches)
-        item_b: Sequence[int] = sample_b
+        item_b: Sequence[int] = sample_bounds(batch_size, n_microbatches)
         if counts is not None:
             item_b, row = (0, *row[:m]), row[m:]
             if item_b[-1] != n_items:
@@ -174,13 +186,16 @@ def plan_media_group(
                     f"product), or {n_items}: one row per item",
                     "Check that the grid belongs to these pixel values.",
                 )
-        chunks: Chunks = {group.pixels_name: split_rows(pixels, pixel_b)}
+        sample_sizes = sample_row_counts(batch_size, n_microbatches)
+        item_sizes = sample_sizes if counts is None else sizes_between(item_b)
+        pixel_sizes = item_sizes if per_item else sizes_between(pixel_b)
+        chunks: Chunks = {group.pixels_name: split_rows(pixels, pixel_sizes)}
         if grid is not None:
-            chunks[group.grid_name] = split_rows(grid, item_b)
+            chunks[group.grid_name] = split_rows(grid, item_sizes)
         if counts is not None:
-            chunks[group.counts_name] = split_rows(counts, sample_b)
+            chunks[group.counts_name] = split_rows(counts, sample_sizes)
         for name, tensor in extra_rows:
-            chunks[name] = split_rows(tensor, item_b)
+            chunks[name] = split_rows(tensor, item_sizes)
         return chunks
 
     return finish
@@ -247,15 +262,16 @@ def plan_patch_mapped(
         for name, tensor in (("patch_pixel_values", crops), ("patch_newline_mask", newline)):
             if tensor is not None and tensor.shape[0] != total:
                 raise media_error(name, tensor, expected)
-        sample_b = sample_bounds(batch_size, n_microbatches)
+        sample_sizes = sample_row_counts(batch_size, n_microbatches)
+        patch_sizes = sizes_between(patch_b)
         chunks: Chunks = {
-            "pixel_values": split_rows(pixels, patch_b if flat_pixels else sample_b),
-            "num_patches": split_rows(counts, sample_b),
+            "pixel_values": split_rows(pixels, patch_sizes if flat_pixels else sample_sizes),
+            "num_patches": split_rows(counts, sample_sizes),
         }
         if crops is not None:
-            chunks["patch_pixel_values"] = split_rows(crops, patch_b)
+            chunks["patch_pixel_values"] = split_rows(crops, patch_sizes)
         if newline is not None:
-            chunks["patch_newline_mask"] = split_rows(newline, patch_b)
+            chunks["patch_newline_mask"] = split_rows(newline, patch_sizes)
         return chunks
 
     return finish
@@ -267,6 +283,6 @@ def plan_per_sample(name: str, value: object, batch_size: int, n_microbatches: i
     _require_rows(name, tensor, batch_size, "one row per sample")
 
     def finish(values: list[list[int]]) -> Chunks:
-        return {name: split_rows(tensor, sample_bounds(batch_size, n_microbatches))}
+        return {name: split_rows(tensor, sample_row_counts(batch_size, n_microbatches))}
 
     return finish
