@@ -72,7 +72,8 @@ def chunk_step3_media(
 
     ``pixel_values`` is ``[B, ...]`` or a flat ``[sum(num_patches), ...]`` tensor;
     ``patch_pixel_values`` and ``patch_newline_mask`` have ``sum(num_patches)`` rows;
-    ``num_patches`` ([B] crops per sample) defaults to zeros. Returns a dict with
+    ``num_patches`` ([B] crops per sample) defaults to zeros. A ``pixel_values`` with exactly B
+    rows is read as one image per sample, even if ``sum(num_patches)`` is B too. Returns a dict with
     ``pixel_values`` and ``num_patches`` (and the optional fields given), each a list of
     ``n_microbatches`` views.
     """

@@ -136,13 +136,13 @@ def plan_media_group(
     queued: list[torch.Tensor] = []
     non_negative: list[torch.Tensor] = []
     if counts is not None:
-        counts = counts if counts.device == device else counts.to(device)
+        local_counts = counts if counts.device == device else counts.to(device)
         # Item offset at the end of each microbatch; the last one is the sum of the counts.
-        item_ends = counts.cumsum(0).index_select(
+        item_ends = local_counts.cumsum(0).index_select(
             0, sample_ends_tensor(batch_size, n_microbatches, device)
         )
         queued.append(item_ends)
-        non_negative.append(counts)
+        non_negative.append(local_counts)
     if not per_item:
         sizes = grid.prod(dim=1)
         # Clamped so that counts which do not sum to the grid's rows still index safely on

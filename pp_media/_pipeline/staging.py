@@ -9,7 +9,8 @@ microbatch k's media, whatever the schedule's order and however many microbatche
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -117,6 +118,8 @@ def current_media(module: nn.Module) -> dict[str, torch.Tensor] | None:
 class _StageHooks:
     """Instance-level wrappers on a torch stage that publish the running microbatch index."""
 
+    _WRAPPED = ("forward_one_chunk", "_prepare_forward_infra")
+
     def __init__(
         self,
         stage: _PipelineStageBase,
@@ -125,59 +128,45 @@ class _StageHooks:
         as_kwargs: bool,
     ) -> None:
         self._stage = stage
+        self._module = module
+        self._state = state
+        self._as_kwargs = as_kwargs
         # Instance-level overrides someone else installed are put back on removal.
-        self._shadowed = {
-            name: vars(stage)[name]
-            for name in ("forward_one_chunk", "_prepare_forward_infra")
-            if name in vars(stage)
-        }
+        self._shadowed = {name: vars(stage)[name] for name in self._WRAPPED if name in vars(stage)}
         original_forward = stage.forward_one_chunk
         original_infra = stage._prepare_forward_infra
-
-        def run_as(
-            index: int,
-            call: Callable[..., Any],
-            kwargs: dict[str, Any] | None,
-            *rest: Any,
-            **options: Any,
-        ) -> Any:
-            state.index = index
-            setattr(module, _INDEX_ATTR, index)
-            if as_kwargs:
-                kwargs = {**(kwargs or {}), **microbatch_media_kwargs(state.microbatch(index))}
-            try:
-                return call(kwargs, *rest, **options)
-            finally:
-                state.index = None
 
         def forward_one_chunk(
             fwd_chunk_id: int, args: Any, kwargs: Any = None, *rest: Any, **options: Any
         ) -> Any:
-            return run_as(
-                fwd_chunk_id,
-                lambda kw, *r, **o: original_forward(fwd_chunk_id, args, kw, *r, **o),
-                kwargs,
-                *rest,
-                **options,
-            )
+            with self._running(fwd_chunk_id, kwargs) as kwargs:
+                return original_forward(fwd_chunk_id, args, kwargs, *rest, **options)
 
         def prepare_forward_infra(
             num_microbatches: int, args: Any, kwargs: Any = None, *rest: Any, **options: Any
         ) -> Any:
             # Shape inference runs stage 0 on microbatch 0's inputs.
-            return run_as(
-                0,
-                lambda kw, *r, **o: original_infra(num_microbatches, args, kw, *r, **o),
-                kwargs,
-                *rest,
-                **options,
-            )
+            with self._running(0, kwargs) as kwargs:
+                return original_infra(num_microbatches, args, kwargs, *rest, **options)
 
         stage.forward_one_chunk = forward_one_chunk  # type: ignore[method-assign]
         stage._prepare_forward_infra = prepare_forward_infra  # type: ignore[method-assign]
 
+    @contextmanager
+    def _running(self, index: int, kwargs: dict[str, Any] | None) -> Iterator[Any]:
+        """Publish ``index`` for the forward inside; yields its kwargs (plus media if asked)."""
+        self._state.index = index
+        setattr(self._module, _INDEX_ATTR, index)
+        if self._as_kwargs:
+            media = microbatch_media_kwargs(self._state.microbatch(index))
+            kwargs = {**(kwargs or {}), **media}
+        try:
+            yield kwargs
+        finally:
+            self._state.index = None
+
     def remove(self) -> None:
-        for name in ("forward_one_chunk", "_prepare_forward_infra"):
+        for name in self._WRAPPED:
             vars(self._stage).pop(name, None)
         vars(self._stage).update(self._shadowed)
 
