@@ -290,3 +290,24 @@ def test_an_existing_instance_override_of_the_stage_is_put_back() -> None:
     assert stage.forward_one_chunk is counting_forward
     assert calls == [0, 1]
     assert [seen["owners"] for seen in module.seen] == [[0], [0], [2, 2, 3]]
+
+
+def test_step_with_media_gives_loss_kwargs_to_the_loss_not_to_the_model() -> None:
+    module = Recorder()
+    stage = PipelineStage(module, 0, 1, torch.device("cpu"))
+    schedule = ScheduleGPipe(
+        stage, 2, loss_fn=lambda output, target, scale=1.0: scale * output.sum()
+    )
+    batch = prepared_batch([1, 0, 2, 1], 2)
+    media = batch.pop(pp_media.VLM_PP_MEDIA_KEY)
+    losses: list[torch.Tensor] = []
+    pp_media.step_with_media(
+        schedule,
+        batch["input_ids"],
+        media=media,
+        target=torch.zeros(4, 3),
+        losses=losses,
+        loss_kwargs={"scale": 0.0},
+    )
+    assert [loss.item() for loss in losses] == [0.0, 0.0]
+    assert all("scale" not in seen["kwargs"] for seen in module.seen)

@@ -29,6 +29,7 @@ def step_with_media(
     target: torch.Tensor | None = None,
     losses: list[torch.Tensor] | None = None,
     return_outputs: bool = True,
+    loss_kwargs: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> Any:
     """``schedule.step(*args, target=..., losses=..., **kwargs)``, plus the batch's media.
@@ -48,7 +49,9 @@ def step_with_media(
             "pp_media: step_with_media needs a torch pipeline schedule (PipelineScheduleSingle "
             f"or PipelineScheduleMulti); got {type(schedule).__name__}."
         )
-    step_options = {"losses": losses, "return_outputs": return_outputs}
+    step_options: dict[str, Any] = {"losses": losses, "return_outputs": return_outputs}
+    if loss_kwargs is not None:  # only torch versions that have it accept it
+        step_options["loss_kwargs"] = loss_kwargs
     has_first = any(stage.is_first for stage in stages)
     if not media or not has_first:
         return schedule.step(*args, target=target, **step_options, **kwargs)
