@@ -44,12 +44,17 @@ def require_int_tensor(field: str, value: Any, ndim: int) -> torch.Tensor:
     return tensor
 
 
-def check_microbatches(batch_size: int, n_microbatches: int) -> None:
-    """The engine needs 1 <= n_microbatches <= batch_size; say so before it fails later."""
+def check_n_microbatches(n_microbatches: int) -> None:
+    """A microbatch count is an int >= 1."""
     if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int):
         raise ValueError(f"{_PREFIX}: n_microbatches must be an int >= 1, got {n_microbatches!r}.")
     if n_microbatches < 1:
         raise ValueError(f"{_PREFIX}: n_microbatches must be >= 1, got {n_microbatches}.")
+
+
+def check_microbatches(batch_size: int, n_microbatches: int) -> None:
+    """The engine needs 1 <= n_microbatches <= batch_size; say so before it fails later."""
+    check_n_microbatches(n_microbatches)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int):
         raise ValueError(f"{_PREFIX}: batch_size must be an int, got {batch_size!r}.")
     if batch_size < n_microbatches:

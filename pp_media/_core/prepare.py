@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from pp_media._core.errors import check_microbatches, media_error
+from pp_media._core.errors import check_microbatches, check_n_microbatches, media_error
 from pp_media._core.host_read import DeferredHostRead
 from pp_media._core.row_maps import (
     Chunks,
@@ -201,5 +201,5 @@ def wrap_vlm_collate_for_pp(
     The batch size is read from ``batch[batch_size_key]`` (dim 0). Results that are not
     mappings, and batches without media, pass through unchanged.
     """
-    check_microbatches(n_microbatches, n_microbatches)
+    check_n_microbatches(n_microbatches)
     return _PPCollate(collate_fn, n_microbatches, batch_size_key)
