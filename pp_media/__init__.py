@@ -7,6 +7,7 @@ microbatch exactly as ``torch.distributed.pipelining`` splits the text. Step sid
 
 from pp_media._core.chunking import _select_image_grid as _select_image_grid
 from pp_media._core.chunking import chunk_step3_media, chunk_vlm_media
+from pp_media._core.counts import count_items_per_sample
 from pp_media._core.device import move_vlm_media_to_device
 from pp_media._core.padding import pad_to_even_microbatches
 from pp_media._core.prepare import prepare_vlm_media_for_pp, wrap_vlm_collate_for_pp
@@ -21,6 +22,7 @@ __all__ = [
     "VLM_PP_MEDIA_KEY",
     "chunk_step3_media",
     "chunk_vlm_media",
+    "count_items_per_sample",
     "current_media",
     "move_vlm_media_to_device",
     "pad_to_even_microbatches",
