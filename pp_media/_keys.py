@@ -30,6 +30,13 @@ IMAGE_GRID_KEYS: tuple[str, ...] = (
     "image_position_ids",
 )
 
+#: Per-item fields that some processors emit beside the media (Gemma3 ``num_crops``, Gemma4
+#: ``num_soft_tokens_per_image``, Qwen2.5-VL ``second_per_grid_ts``). Their dim 0 counts images
+#: or videos, so they travel with the media; left in the batch the engine would split them by
+#: rows.
+IMAGE_ROW_KEYS: tuple[str, ...] = ("num_crops", "num_soft_tokens_per_image")
+VIDEO_ROW_KEYS: tuple[str, ...] = ("second_per_grid_ts",)
+
 #: Fields that belong to the image group / video group of a microbatch.
 IMAGE_GROUP_KEYS: frozenset[str] = frozenset(
     {
@@ -39,8 +46,9 @@ IMAGE_GROUP_KEYS: frozenset[str] = frozenset(
         "patch_newline_mask",
         "n_images_per_sample",
         *IMAGE_GRID_KEYS,
+        *IMAGE_ROW_KEYS,
     }
 )
 VIDEO_GROUP_KEYS: frozenset[str] = frozenset(
-    {"pixel_values_videos", "video_grid_thw", "n_videos_per_sample"}
+    {"pixel_values_videos", "video_grid_thw", "n_videos_per_sample", *VIDEO_ROW_KEYS}
 )

@@ -17,9 +17,16 @@ from pp_media._core.row_maps import (
     plan_patch_mapped,
     plan_per_sample,
 )
-from pp_media._keys import _VLM_MEDIA_KEYS, IMAGE_GRID_KEYS, VLM_PP_MEDIA_KEY
+from pp_media._keys import (
+    _VLM_MEDIA_KEYS,
+    IMAGE_GRID_KEYS,
+    IMAGE_ROW_KEYS,
+    VIDEO_ROW_KEYS,
+    VLM_PP_MEDIA_KEY,
+)
 
 _STEP3_KEYS = ("num_patches", "patch_pixel_values", "patch_newline_mask")
+_ROW_KEYS = (*IMAGE_ROW_KEYS, *VIDEO_ROW_KEYS)
 
 
 def _plan_images(
@@ -30,6 +37,7 @@ def _plan_images(
 ) -> tuple[list[Finish], set[str]]:
     grids = [key for key in IMAGE_GRID_KEYS if key in present]
     step3 = [key for key in _STEP3_KEYS if key in present]
+    row_keys = [key for key in IMAGE_ROW_KEYS if key in present]
     if grids or not step3:
         # A grid, or per-image pixel values mapped by n_images_per_sample (or one per sample).
         group = MediaGroup(
@@ -39,10 +47,10 @@ def _plan_images(
             present[grids[0]] if grids else None,
             "n_images_per_sample",
             present.get("n_images_per_sample"),
-            extra_rows=tuple((key, present[key]) for key in grids[1:]),
+            extra_rows=tuple((key, present[key]) for key in (*grids[1:], *row_keys)),
         )
         plan = plan_media_group(group, batch_size, n_microbatches, reader)
-        return [plan], {"pixel_values", "n_images_per_sample", *grids}
+        return [plan], {"pixel_values", "n_images_per_sample", *grids, *row_keys}
     plans = [
         _only_given(
             plan_patch_mapped(
@@ -89,9 +97,10 @@ def _plan_videos(
         present["video_grid_thw"],
         "n_videos_per_sample",
         present.get("n_videos_per_sample"),
+        extra_rows=tuple((key, present[key]) for key in VIDEO_ROW_KEYS if key in present),
     )
     plan = plan_media_group(group, batch_size, n_microbatches, reader)
-    return [plan], {"pixel_values_videos", "video_grid_thw", "n_videos_per_sample"}
+    return [plan], {"pixel_values_videos", "video_grid_thw", "n_videos_per_sample", *VIDEO_ROW_KEYS}
 
 
 def _reject_unaligned(present: Mapping[str, Any], consumed: set[str]) -> None:
@@ -131,6 +140,8 @@ def prepare_vlm_media_for_pp(
     present = {key: value for key in _VLM_MEDIA_KEYS if (value := batch.get(key)) is not None}
     if not present:
         return batch
+    # Per-item extras travel with their media group; without one they are not ours to touch.
+    present.update((key, batch[key]) for key in _ROW_KEYS if batch.get(key) is not None)
     if VLM_PP_MEDIA_KEY in batch:
         raise ValueError(
             f"pp_media: the batch already carries '{VLM_PP_MEDIA_KEY}' and also raw media "
@@ -155,7 +166,7 @@ def prepare_vlm_media_for_pp(
     for finish in plans:
         media.update(finish(values))
 
-    for key in _VLM_MEDIA_KEYS:
+    for key in (*_VLM_MEDIA_KEYS, *consumed):
         batch.pop(key, None)
     batch[VLM_PP_MEDIA_KEY] = media
     return batch
