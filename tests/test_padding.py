@@ -62,3 +62,19 @@ def test_keys_limit_the_padding() -> None:
     pp_media.pad_to_even_microbatches(batch, 3, 2, keys={"input_ids"})
     assert batch["input_ids"].shape == (4, 4)
     assert batch["position_ids"] is position_ids
+
+
+def test_the_wrapped_collate_pads_when_asked() -> None:
+    def collate(samples: list[int]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor(samples).view(-1, 1)
+        return {"input_ids": ids, "pixel_values": ids.float().repeat(1, 2)}
+
+    wrapped = pp_media.wrap_vlm_collate_for_pp(collate, 4, even_microbatches=True)
+    batch = wrapped([1, 2, 3, 4, 5, 6])
+    assert batch["input_ids"].view(-1).tolist() == [1, 2, 3, 4, 5, 0, 6, 0]
+    media = batch[pp_media.VLM_PP_MEDIA_KEY]["pixel_values"]
+    assert [chunk[:, 0].tolist() for chunk in media] == [[1, 2], [3, 4], [5], [6]]
+    text_only = pp_media.wrap_vlm_collate_for_pp(
+        lambda samples: {"input_ids": torch.ones(len(samples), 1)}, 2, even_microbatches=True
+    )([1, 2, 3])
+    assert text_only["input_ids"].shape == (4, 1)

@@ -311,3 +311,27 @@ def test_step_with_media_gives_loss_kwargs_to_the_loss_not_to_the_model() -> Non
     )
     assert [loss.item() for loss in losses] == [0.0, 0.0]
     assert all("scale" not in seen["kwargs"] for seen in module.seen)
+
+
+def test_microbatch_kwargs_leave_out_empty_groups_and_alignment_counts() -> None:
+    from pp_media._pipeline.staging import microbatch_media_kwargs
+
+    empty_images = {
+        "pixel_values": torch.zeros(0, 4),
+        "image_grid_thw": torch.zeros(0, 3, dtype=torch.long),
+        "num_crops": torch.zeros(0, dtype=torch.long),
+        "n_images_per_sample": torch.zeros(2, dtype=torch.long),
+        "pixel_values_videos": torch.ones(8, 4),
+        "video_grid_thw": torch.tensor([[2, 2, 2]]),
+        "n_videos_per_sample": torch.tensor([1, 0]),
+        "second_per_grid_ts": torch.tensor([0.5]),
+    }
+    kwargs = microbatch_media_kwargs(empty_images)
+    assert sorted(kwargs) == ["pixel_values_videos", "second_per_grid_ts", "video_grid_thw"]
+    empty_videos = {
+        "pixel_values": torch.ones(4, 4),
+        "image_grid_thw": torch.tensor([[1, 2, 2]]),
+        "pixel_values_videos": torch.zeros(0, 4),
+        "video_grid_thw": torch.zeros(0, 3, dtype=torch.long),
+    }
+    assert sorted(microbatch_media_kwargs(empty_videos)) == ["image_grid_thw", "pixel_values"]

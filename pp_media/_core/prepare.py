@@ -9,6 +9,7 @@ import torch
 
 from pp_media._core.errors import check_microbatches, check_n_microbatches, media_error
 from pp_media._core.host_read import DeferredHostRead
+from pp_media._core.padding import pad_to_even_microbatches
 from pp_media._core.row_maps import (
     Chunks,
     Finish,
@@ -180,25 +181,36 @@ class _PPCollate:
         collate_fn: Callable[[Any], MutableMapping[str, Any]],
         n_microbatches: int,
         batch_size_key: str,
+        even_microbatches: bool,
     ) -> None:
         self.collate_fn = collate_fn
         self.n_microbatches = n_microbatches
         self.batch_size_key = batch_size_key
+        self.even_microbatches = even_microbatches
 
     def __call__(self, examples: Any) -> Any:
         batch = self.collate_fn(examples)
         if not isinstance(batch, MutableMapping):
             return batch
-        if not any(batch.get(key) is not None for key in _VLM_MEDIA_KEYS):
+        has_media = any(batch.get(key) is not None for key in _VLM_MEDIA_KEYS)
+        if not (has_media or self.even_microbatches):
             return batch
+        batch_size = self._batch_size(batch)
+        if has_media:
+            prepare_vlm_media_for_pp(batch, batch_size, self.n_microbatches)
+        if self.even_microbatches:
+            pad_to_even_microbatches(batch, batch_size, self.n_microbatches)
+        return batch
+
+    def _batch_size(self, batch: Mapping[str, Any]) -> int:
         reference = batch.get(self.batch_size_key)
         if not isinstance(reference, torch.Tensor) or reference.dim() == 0:
             raise ValueError(
-                f"pp_media: the collated batch has media but no '{self.batch_size_key}' tensor "
-                f"to take the batch size from (keys: {sorted(batch)}). Keep it in the batch, or "
-                "pass batch_size_key= naming a [B, ...] tensor."
+                f"pp_media: the collated batch has no '{self.batch_size_key}' tensor to take "
+                f"the batch size from (keys: {sorted(batch)}). Keep it in the batch, or pass "
+                "batch_size_key= naming a [B, ...] tensor."
             )
-        return prepare_vlm_media_for_pp(batch, reference.shape[0], self.n_microbatches)
+        return reference.shape[0]
 
 
 def wrap_vlm_collate_for_pp(
@@ -206,11 +218,14 @@ def wrap_vlm_collate_for_pp(
     n_microbatches: int,
     *,
     batch_size_key: str = "input_ids",
+    even_microbatches: bool = False,
 ) -> Callable[[Any], MutableMapping[str, Any]]:
     """Wrap a VLM collate function so every batch it returns is prepared for pipelining.
 
     The batch size is read from ``batch[batch_size_key]`` (dim 0). Results that are not
-    mappings, and batches without media, pass through unchanged.
+    mappings, and batches without media, pass through unchanged. With
+    ``even_microbatches=True`` every batch is also given by ``pad_to_even_microbatches``
+    microbatches of equal size (torch's stages need that when M does not divide B).
     """
     check_n_microbatches(n_microbatches)
-    return _PPCollate(collate_fn, n_microbatches, batch_size_key)
+    return _PPCollate(collate_fn, n_microbatches, batch_size_key, even_microbatches)
