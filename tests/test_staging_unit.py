@@ -224,13 +224,32 @@ def test_nested_staging_is_refused_and_keeps_the_inner_batch() -> None:
         assert pp_media.VLM_PP_MEDIA_KEY in inner
 
 
-def test_media_prepared_for_fewer_microbatches_than_the_schedule_runs() -> None:
+@pytest.mark.parametrize(("prepared", "scheduled"), [(2, 4), (4, 2)])
+def test_media_prepared_for_another_microbatch_count(prepared: int, scheduled: int) -> None:
     module = Recorder()
-    schedule = make_schedule(module, 4)
+    schedule = make_schedule(module, scheduled)
+    batch = prepared_batch([1, 1, 1, 1], prepared)
+    message = f"prepared for {prepared} microbatches but the schedule runs {scheduled}"
+    with (
+        pytest.raises(ValueError, match=re.escape(message)),
+        pp_media.stage_vlm_media_for_pp(schedule, [module], batch),
+    ):
+        pass
+    assert pp_media.VLM_PP_MEDIA_KEY in batch  # nothing lost
+    media = batch.pop(pp_media.VLM_PP_MEDIA_KEY)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pp_media.step_with_media(schedule, batch["input_ids"], media=media)
+
+
+def test_without_a_visible_schedule_a_too_short_media_list_fails_in_the_forward() -> None:
+    module = Recorder()
+    stage = make_schedule(module, 4)._stage
+    schedule = ScheduleGPipe(stage, 4, loss_fn=lambda output, target: output.sum())
+    pp = SimpleNamespace(info=SimpleNamespace(has_first_stage=True, stages=[stage]))
     batch = prepared_batch([1, 1, 1, 1], 2)
     with (
         pytest.raises(RuntimeError) as failure,
-        pp_media.stage_vlm_media_for_pp(schedule, [module], batch),
+        pp_media.stage_vlm_media_for_pp(pp, [module], batch),
     ):
         schedule.step(batch["input_ids"], target=torch.zeros(4, 3))
     cause = repr(failure.value.__cause__)

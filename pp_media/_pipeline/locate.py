@@ -18,6 +18,8 @@ class PipelineView:
     first_stage: _PipelineStageBase | None
     #: All torch stages of this rank (empty when none can be seen).
     local_stages: tuple[_PipelineStageBase, ...]
+    #: The schedule's microbatch count, when a torch schedule can be seen.
+    n_microbatches: int | None = None
     #: The seed's duck-typed schedule, kept only to detect a pending shape inference.
     schedule: Any = None
 
@@ -41,9 +43,10 @@ def _torch_stages(candidates: Any) -> tuple[_PipelineStageBase, ...]:
     return tuple(stage for stage in items if isinstance(stage, _PipelineStageBase))
 
 
-def _view_from_stages(stages: tuple[_PipelineStageBase, ...]) -> PipelineView:
+def _view_from_stages(stages: tuple[_PipelineStageBase, ...], schedule: Any = None) -> PipelineView:
     first = next((stage for stage in stages if stage.is_first), None)
-    return PipelineView(first is not None, first, stages)
+    n_microbatches = getattr(schedule, "_n_microbatches", None)
+    return PipelineView(first is not None, first, stages, n_microbatches)
 
 
 def locate_pipeline(pp: Any) -> PipelineView:
@@ -54,7 +57,7 @@ def locate_pipeline(pp: Any) -> PipelineView:
     """
     stages = schedule_stages(pp)
     if stages is not None:
-        return _view_from_stages(stages)
+        return _view_from_stages(stages, pp)
     info = getattr(pp, "info", None)
     if info is None or not hasattr(info, "has_first_stage"):
         raise TypeError(
@@ -63,9 +66,10 @@ def locate_pipeline(pp: Any) -> PipelineView:
             f"{type(pp).__name__}."
         )
     schedule = getattr(info, "schedule", None)
+    torch_schedule = schedule if schedule_stages(schedule) is not None else None
     stages = schedule_stages(schedule) or _torch_stages(getattr(info, "stages", None))
     if stages:
-        view = _view_from_stages(stages)
+        view = _view_from_stages(stages, torch_schedule)
         if view.has_first_stage != bool(info.has_first_stage):
             raise ValueError(
                 f"pp_media: pp.info.has_first_stage is {info.has_first_stage!r} but this "
@@ -73,4 +77,4 @@ def locate_pipeline(pp: Any) -> PipelineView:
                 f"{view.has_first_stage}."
             )
         return view
-    return PipelineView(bool(info.has_first_stage), None, (), schedule)
+    return PipelineView(bool(info.has_first_stage), None, (), schedule=schedule)

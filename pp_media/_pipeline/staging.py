@@ -63,6 +63,15 @@ class _StagedMedia:
             )
         self.n_microbatches = lengths.pop() if lengths else 0
 
+    def expect_microbatches(self, n_microbatches: int | None) -> None:
+        """Refuse media prepared for another microbatch count than the schedule runs."""
+        if n_microbatches is not None and self.chunks and n_microbatches != self.n_microbatches:
+            raise ValueError(
+                f"pp_media: the media were prepared for {self.n_microbatches} microbatches but "
+                f"the schedule runs {n_microbatches}; pass the schedule's n_microbatches to "
+                "wrap_vlm_collate_for_pp / prepare_vlm_media_for_pp."
+            )
+
     def microbatch(self, index: int) -> dict[str, torch.Tensor]:
         """Every field's chunk for microbatch ``index``."""
         if not 0 <= index < self.n_microbatches:
@@ -232,6 +241,7 @@ class MediaStaging:
             )
         chunks = {name: list(field_chunks) for name, field_chunks in media.items()}
         state = _StagedMedia(chunks, keyed=view.first_stage is not None)
+        state.expect_microbatches(view.n_microbatches)
         batch.pop(VLM_PP_MEDIA_KEY)
         self._attach(module, state, view)
         return self

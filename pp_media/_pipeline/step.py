@@ -59,6 +59,7 @@ def step_with_media(
     if _accepts_presplit(type(schedule)) and len(stages) == 1:
         staged = _StagedMedia({name: list(chunks) for name, chunks in media.items()}, keyed=True)
         n_microbatches = schedule._n_microbatches
+        staged.expect_microbatches(n_microbatches)
         arg_mbs, kwarg_mbs = split_args_kwargs_into_chunks(
             args, kwargs, n_microbatches, schedule._args_chunk_spec, schedule._kwargs_chunk_spec
         )
