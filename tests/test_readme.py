@@ -30,3 +30,17 @@ def test_readme_example_is_the_example_script_and_its_output() -> None:
 def test_readme_test_command_is_what_ci_runs() -> None:
     (command,) = (block.strip() for block in _readme_blocks("bash", section="Test"))
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_pipeline_example_matches_its_single_process_reference() -> None:
+    printed = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "pipeline_step.py")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    found = re.search(r"reference loss ([0-9.]+), pipelined loss ([0-9.]+)", printed)
+    assert found, printed
+    assert float(found.group(1)) == float(found.group(2))
+    assert printed in _readme_blocks("text")
