@@ -16,8 +16,6 @@ class PipelineView:
     has_first_stage: bool
     #: The torch stage that runs stage 0 on this rank, when it can be seen.
     first_stage: _PipelineStageBase | None
-    #: All torch stages of this rank (empty when none can be seen).
-    local_stages: tuple[_PipelineStageBase, ...]
     #: The schedule's microbatch count, when a torch schedule can be seen.
     n_microbatches: int | None = None
     #: The seed's duck-typed schedule, kept only to detect a pending shape inference.
@@ -46,7 +44,7 @@ def _torch_stages(candidates: Any) -> tuple[_PipelineStageBase, ...]:
 def _view_from_stages(stages: tuple[_PipelineStageBase, ...], schedule: Any = None) -> PipelineView:
     first = next((stage for stage in stages if stage.is_first), None)
     n_microbatches = getattr(schedule, "_n_microbatches", None)
-    return PipelineView(first is not None, first, stages, n_microbatches)
+    return PipelineView(first is not None, first, n_microbatches)
 
 
 def locate_pipeline(pp: Any) -> PipelineView:
@@ -77,4 +75,4 @@ def locate_pipeline(pp: Any) -> PipelineView:
                 f"{view.has_first_stage}."
             )
         return view
-    return PipelineView(bool(info.has_first_stage), None, (), schedule=schedule)
+    return PipelineView(bool(info.has_first_stage), None, schedule=schedule)
