@@ -182,6 +182,78 @@ def test_without_a_torch_stage_a_pending_shape_inference_forward_resets_the_inde
     assert module.used == [0, 1]
 
 
+class SeedStyle(nn.Module):
+    """Seed-style stage 0: reads its media at ``_vlm_chunk_idx`` and advances the index."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used: list[int] = []
+        self.owners: list[list[float]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = self._vlm_chunk_idx
+        self.used.append(index)
+        self.owners.append(self._vlm_pixel_values_chunks[index][:, 0].tolist())
+        self._vlm_chunk_idx += 1
+        return x
+
+
+def _seed_pp(stage: Any, where: str) -> Any:
+    """The seed's ``pp`` with a pending duck schedule and ``stage`` found at ``where``."""
+    schedule = SimpleNamespace(_stage_forward_initialized=False)
+    info = SimpleNamespace(has_first_stage=True, schedule=schedule)
+    if where == "info.stages":
+        info.stages = [SimpleNamespace(is_first=False), stage]
+    elif where == "schedule._stage":
+        schedule._stage = stage
+    else:
+        schedule._stages = [stage, SimpleNamespace(is_first=False)]
+    return SimpleNamespace(info=info)
+
+
+STATIC_FIRST_STAGES = {
+    "outputs_meta": SimpleNamespace(is_first=True, _outputs_meta=(torch.empty(1),)),
+    "user_meta": SimpleNamespace(
+        is_first=True, _user_meta=SimpleNamespace(inputs=(object(),), outputs=(object(),))
+    ),
+}
+
+
+@pytest.mark.parametrize("where", ["info.stages", "schedule._stage", "schedule._stages"])
+@pytest.mark.parametrize("kind", sorted(STATIC_FIRST_STAGES))
+def test_without_a_torch_stage_static_shapes_keep_the_index_after_the_first_forward(
+    kind: str, where: str
+) -> None:
+    module = SeedStyle()
+    pp = _seed_pp(STATIC_FIRST_STAGES[kind], where)
+    with pp_media.stage_vlm_media_for_pp(pp, [module], prepared_batch([1, 1], 2)):
+        for _ in range(2):  # no shape-inference forward: microbatches 0 and 1
+            module(torch.zeros(1))
+    assert module.used == [0, 1]
+    assert module.owners == [[0.0], [1.0]]
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [
+        SimpleNamespace(
+            is_first=True, _user_meta=SimpleNamespace(inputs=(object(),), outputs=None)
+        ),
+        SimpleNamespace(is_first=True, _user_meta=None, _outputs_meta=None),
+        SimpleNamespace(is_first=False, _outputs_meta=(torch.empty(1),)),
+    ],
+    ids=["user_meta_without_outputs", "nothing_configured", "static_but_not_first"],
+)
+def test_without_a_torch_stage_incomplete_static_shapes_still_reset_the_index(stage: Any) -> None:
+    module = SeedStyle()
+    pp = _seed_pp(stage, "info.stages")
+    with pp_media.stage_vlm_media_for_pp(pp, [module], prepared_batch([1, 1], 2)):
+        for _ in range(3):  # shape inference, then microbatches 0 and 1
+            module(torch.zeros(1))
+    assert module.used == [0, 0, 1]
+    assert module.owners == [[0.0], [0.0], [1.0]]
+
+
 def test_current_media_without_a_torch_stage_says_how_to_fix_it() -> None:
     module = Recorder()
     pp = SimpleNamespace(info=SimpleNamespace(has_first_stage=True))

@@ -20,6 +20,8 @@ class PipelineView:
     n_microbatches: int | None = None
     #: The seed's duck-typed schedule, kept only to detect a pending shape inference.
     schedule: Any = None
+    #: The seed's duck-typed stage 0 (``is_first`` true), kept only to read its shape metadata.
+    seed_first_stage: Any = None
 
 
 def schedule_stages(schedule: Any) -> tuple[_PipelineStageBase, ...] | None:
@@ -39,6 +41,23 @@ def _torch_stages(candidates: Any) -> tuple[_PipelineStageBase, ...]:
     except TypeError:
         return ()
     return tuple(stage for stage in items if isinstance(stage, _PipelineStageBase))
+
+
+def _seed_first_stage(info: Any, schedule: Any) -> Any:
+    """The duck-typed stage with ``is_first`` true in ``info.stages`` or the schedule, if any."""
+    for candidates in (
+        getattr(info, "stages", None),
+        (getattr(schedule, "_stage", None),),
+        getattr(schedule, "_stages", None),
+    ):
+        try:
+            items = tuple(candidates or ())
+        except TypeError:
+            continue
+        first = next((stage for stage in items if getattr(stage, "is_first", False) is True), None)
+        if first is not None:
+            return first
+    return None
 
 
 def _view_from_stages(stages: tuple[_PipelineStageBase, ...], schedule: Any = None) -> PipelineView:
@@ -75,4 +94,9 @@ def locate_pipeline(pp: Any) -> PipelineView:
                 f"{view.has_first_stage}."
             )
         return view
-    return PipelineView(bool(info.has_first_stage), None, schedule=schedule)
+    return PipelineView(
+        bool(info.has_first_stage),
+        None,
+        schedule=schedule,
+        seed_first_stage=_seed_first_stage(info, schedule),
+    )

@@ -200,6 +200,20 @@ def _shape_inference_pending(schedule: Any) -> bool:
     )
 
 
+def _has_static_shapes(stage: Any) -> bool:
+    """Whether ``stage`` knows its output shapes without running a forward.
+
+    True when outputs meta was configured analytically (``_outputs_meta``, older torch) or
+    static ``_user_meta`` holds inputs and outputs (torch >= 2.13 ``input_args``/``output_args``).
+    """
+    if stage is None:
+        return False
+    if getattr(stage, "_outputs_meta", None) is not None:
+        return True
+    meta = getattr(stage, "_user_meta", None)
+    return getattr(meta, "inputs", None) is not None and getattr(meta, "outputs", None) is not None
+
+
 class MediaStaging:
     """Context manager behind ``stage_vlm_media_for_pp``; see that function."""
 
@@ -255,7 +269,9 @@ class MediaStaging:
         setattr(module, _INDEX_ATTR, 0)
         if view.first_stage is not None:
             self._hooks = _StageHooks(view.first_stage, module, state, self._as_kwargs)
-        elif _shape_inference_pending(view.schedule):
+        elif _shape_inference_pending(view.schedule) and not _has_static_shapes(
+            view.seed_first_stage
+        ):
             self._reset_handle = module.register_forward_hook(self._reset_after_shape_inference)
 
     def _reset_after_shape_inference(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -299,7 +315,8 @@ def stage_vlm_media_for_pp(
     ``pp`` is a torch schedule, or the seed's object with ``pp.info.has_first_stage`` (and
     optionally ``pp.info.schedule`` / ``pp.info.stages``). With a visible torch stage,
     ``_vlm_chunk_idx`` is the engine's microbatch index at the start of every stage-0 forward.
-    Without one it starts at 0, is reset after a pending shape-inference forward, and is
-    otherwise left to the model code, as in the seed.
+    Without one it starts at 0, is reset after a pending shape-inference forward (not when
+    stage 0 has static output metadata, so no such forward runs), and is otherwise left to
+    the model code, as in the seed.
     """
     return MediaStaging(pp, model_parts, batch)
