@@ -1,0 +1,130 @@
+"""A collated Hugging Face batch turned into what one pipeline step needs, on every rank.
+
+Every rank receives the same collated batch and runs this, so a bad batch raises the same
+error on every rank before the schedule starts (an error on one rank alone would leave the
+others waiting in send/recv).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pp_media._core.bounds import sample_bounds
+from pp_media._core.counts import count_items_per_sample
+from pp_media._core.errors import check_microbatches, media_error
+from pp_media._core.padding import pad_to_even_microbatches
+from pp_media._core.prepare import prepare_vlm_media_for_pp
+from pp_media._hf.families.base import FamilyAdapter, MediaKind
+from pp_media._hf.loss import count_label_tokens
+from pp_media._keys import VLM_PP_MEDIA_KEY
+
+#: Per-sample text fields a step passes to the stages; other batch keys are not model inputs.
+TEXT_FIELDS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
+
+
+@dataclass
+class StepInputs:
+    """One step's inputs: the text for the engine's split, the media for stage 0."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    label_tokens: int
+    media: dict[str, list[torch.Tensor]]
+    kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _items_per_sample(
+    batch: Mapping[str, Any], adapter: FamilyAdapter, config: Any, kind: MediaKind
+) -> torch.Tensor:
+    """``n_images_per_sample``-style counts from the batch, or from its placeholder tokens."""
+    given = batch.get(kind.count_field)
+    if given is not None:
+        return given
+    return count_items_per_sample(
+        batch["input_ids"],
+        adapter.token_id(config, kind),
+        adapter.tokens_per_item(config, kind, batch),
+    )
+
+
+def check_placeholders(
+    input_ids: torch.Tensor,
+    media: Mapping[str, list[torch.Tensor]],
+    adapter: FamilyAdapter,
+    config: Any,
+    n_microbatches: int,
+) -> None:
+    """Each sample's placeholder tokens equal the features its media will produce.
+
+    Checked per microbatch on the prepared chunks, before any vision tower runs; a mismatch
+    names the microbatch, the sample, the token count and the feature count.
+    """
+    bounds = sample_bounds(input_ids.shape[0], n_microbatches)
+    for kind in adapter.media:
+        chunks = media.get(kind.pixel_field)
+        counts = media.get(kind.count_field)
+        token_id = adapter.token_id(config, kind)
+        for k in range(n_microbatches):
+            start, end = bounds[k], bounds[k + 1]
+            placeholders = (input_ids[start:end] == token_id).sum(dim=1).tolist()
+            if chunks is None or chunks[k].shape[0] == 0:
+                per_sample = [0] * (end - start)
+            else:
+                own = {name: values[k] for name, values in media.items()}
+                tokens = adapter.tokens_per_item(config, kind, own).tolist()
+                items = [1] * (end - start) if counts is None else counts[k].tolist()
+                offsets = [sum(items[:i]) for i in range(len(items) + 1)]
+                per_sample = [sum(tokens[offsets[i] : offsets[i + 1]]) for i in range(len(items))]
+            for i, (found, expected) in enumerate(zip(placeholders, per_sample)):
+                if found != expected:
+                    raise ValueError(
+                        f"pp_media: microbatch {k}, sample {start + i} of the batch: {found} "
+                        f"{kind.name} placeholder tokens (id {token_id}) in input_ids, but its "
+                        f"{kind.name}s give {expected} features. Check that the processor's "
+                        f"{kind.name} token expansion matches the model config."
+                    )
+
+
+def prepare_step_inputs(
+    batch: Mapping[str, Any], adapter: FamilyAdapter, config: Any, n_microbatches: int
+) -> StepInputs:
+    """Counts derived, media split per microbatch, placeholders checked, rows padded so that
+    every microbatch has the same shape. The caller's batch is not modified."""
+    for name in ("input_ids", "labels"):
+        if not isinstance(batch.get(name), torch.Tensor):
+            raise ValueError(
+                f"pp_media: the batch needs a '{name}' tensor [B, T] (keys: {sorted(batch)})."
+            )
+    work: dict[str, Any] = dict(batch)
+    input_ids = work["input_ids"]
+    if input_ids.dim() != 2 or work["labels"].shape != input_ids.shape:
+        raise media_error(
+            "labels", work["labels"], f"the shape of input_ids {tuple(input_ids.shape)}"
+        )
+    batch_size = input_ids.shape[0]
+    check_microbatches(batch_size, n_microbatches)
+    has_media = VLM_PP_MEDIA_KEY in work or any(
+        work.get(kind.pixel_field) is not None for kind in adapter.media
+    )
+    if VLM_PP_MEDIA_KEY not in work and has_media:
+        for kind in adapter.media:
+            if work.get(kind.pixel_field) is not None:
+                work[kind.count_field] = _items_per_sample(work, adapter, config, kind)
+        prepare_vlm_media_for_pp(work, batch_size, n_microbatches)
+    media: dict[str, list[torch.Tensor]] = work.pop(VLM_PP_MEDIA_KEY, {})
+    check_placeholders(input_ids, media, adapter, config, n_microbatches)
+
+    if adapter.sends_position_ids and has_media and work.get("mm_token_type_ids") is None:
+        work["mm_token_type_ids"] = adapter.token_type_ids(config, input_ids)
+    text = {name: work[name] for name in TEXT_FIELDS if work.get(name) is not None}
+    if not has_media:
+        # The unsplit model computes M-RoPE positions only for batches with media.
+        text.pop("mm_token_type_ids", None)
+    label_tokens = count_label_tokens(text["labels"])
+    pad_to_even_microbatches(text, batch_size, n_microbatches, keys=TEXT_FIELDS)
+    kwargs = {name: text[name] for name in ("attention_mask", "mm_token_type_ids") if name in text}
+    return StepInputs(text["input_ids"], text["labels"], label_tokens, media, kwargs)

@@ -1,0 +1,92 @@
+"""What a Hugging Face VLM family is, as far as stage splitting cares: a declarative adapter.
+
+A family states where its parts live, which media fields it takes and how each becomes features,
+its placeholder-token rule, and how stage 0 computes position ids. Everything else (pruning
+the model into stages, the stage forward, loss, weight loading) is generic and lives once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MediaKind:
+    """One kind of media a family takes (images, videos) and how it becomes features."""
+
+    #: Name used in messages: "image", "video".
+    name: str
+    #: Processor field holding the pixels: "pixel_values", "pixel_values_videos".
+    pixel_field: str
+    #: Config attribute with the placeholder token id: "image_token_id".
+    token_id_attr: str
+    #: Batch field with the items per sample, derived from the placeholders when absent.
+    count_field: str
+    #: Method of the family's base model (``model.model``) that returns the features.
+    features_method: str
+    #: Media fields passed to ``features_method`` by keyword, besides ``pixel_field``.
+    feature_fields: tuple[str, ...] = ()
+    #: Value of ``mm_token_type_ids`` at this kind's placeholders (Qwen-VL: image 1, video 2).
+    token_type: int = 1
+
+
+class FamilyAdapter:
+    """Defaults shared by most families; a family overrides what differs."""
+
+    #: ``config.model_type`` values this adapter serves.
+    model_types: tuple[str, ...] = ()
+    #: Paths, from the ``*ForConditionalGeneration`` root, of the vision parts (stage 0 only).
+    vision_paths: tuple[str, ...] = ()
+    #: Path of the text decoder (``embed_tokens``, ``layers``, ``norm``, ``rotary_emb``).
+    text_model_path: str = "model.language_model"
+    #: Path of the base model whose methods compute features and position ids.
+    base_model_path: str = "model"
+    head_path: str = "lm_head"
+    media: tuple[MediaKind, ...] = ()
+    #: Stage 0 computes position ids and sends them downstream with the hidden states.
+    sends_position_ids: bool = False
+
+    def token_id(self, config: Any, kind: MediaKind) -> int:
+        return int(getattr(config, kind.token_id_attr))
+
+    def tokens_per_item(
+        self, config: Any, kind: MediaKind, media: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Placeholder tokens of each item of ``kind`` in ``media``, as a 1-D int64 tensor."""
+        raise NotImplementedError
+
+    def features(
+        self, base_model: nn.Module, kind: MediaKind, media: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Features of every item of ``kind``, concatenated in item order: ``[tokens, hidden]``."""
+        fields = {name: media[name] for name in kind.feature_fields if name in media}
+        output = getattr(base_model, kind.features_method)(
+            media[kind.pixel_field], **fields, return_dict=True
+        )
+        pooled = output.pooler_output
+        if isinstance(pooled, (list, tuple)):
+            return torch.cat([item.reshape(-1, item.shape[-1]) for item in pooled])
+        return pooled.reshape(-1, pooled.shape[-1])
+
+    def position_ids(
+        self,
+        base_model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        mm_token_type_ids: torch.Tensor | None,
+        media: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor | None:
+        """Position ids stage 0 sends downstream (only when ``sends_position_ids``)."""
+        return None
+
+    def token_type_ids(self, config: Any, input_ids: torch.Tensor) -> torch.Tensor:
+        """``mm_token_type_ids`` from the placeholders, for collates that do not emit them."""
+        types = torch.zeros_like(input_ids, dtype=torch.int32)
+        for kind in self.media:
+            types.masked_fill_(input_ids == self.token_id(config, kind), kind.token_type)
+        return types

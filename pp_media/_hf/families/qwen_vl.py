@@ -1,0 +1,67 @@
+"""Qwen2-VL and Qwen2.5-VL: flat patches with one ``[t, h, w]`` grid row per item, M-RoPE."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from pp_media._hf.families.base import FamilyAdapter, MediaKind
+
+IMAGES = MediaKind(
+    name="image",
+    pixel_field="pixel_values",
+    token_id_attr="image_token_id",
+    count_field="n_images_per_sample",
+    features_method="get_image_features",
+    feature_fields=("image_grid_thw",),
+    token_type=1,
+)
+VIDEOS = MediaKind(
+    name="video",
+    pixel_field="pixel_values_videos",
+    token_id_attr="video_token_id",
+    count_field="n_videos_per_sample",
+    features_method="get_video_features",
+    feature_fields=("video_grid_thw",),
+    token_type=2,
+)
+_GRID = {"image": "image_grid_thw", "video": "video_grid_thw"}
+_ROPE_FIELDS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+
+
+class QwenVLAdapter(FamilyAdapter):
+    """Placeholders per item: ``t*h*w // merge**2``. Position ids ``[3, B, T]`` from
+    ``get_rope_index``, computed per microbatch on stage 0 (it works sample by sample) and sent
+    to every later stage with the hidden states."""
+
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    vision_paths = ("model.visual",)
+    media = (IMAGES, VIDEOS)
+    sends_position_ids = True
+
+    def tokens_per_item(
+        self, config: Any, kind: MediaKind, media: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        merge = config.vision_config.spatial_merge_size
+        return media[_GRID[kind.name]].to(torch.int64).prod(-1) // merge**2
+
+    def position_ids(
+        self,
+        base_model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        mm_token_type_ids: torch.Tensor | None,
+        media: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor:
+        if mm_token_type_ids is None:
+            # What the text model does itself when the batch has no media.
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            return positions.view(1, 1, -1).expand(3, input_ids.shape[0], -1).contiguous()
+        grids = {name: media[name] for name in _ROPE_FIELDS if name in media}
+        position_ids, _ = base_model.get_rope_index(
+            input_ids, mm_token_type_ids, attention_mask=attention_mask, **grids
+        )
+        return position_ids

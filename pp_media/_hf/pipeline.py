@@ -1,0 +1,238 @@
+"""One call from a Hugging Face VLM to this rank's pipeline stages, schedule and training step."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+
+from pp_media._hf.batch import StepInputs, prepare_step_inputs
+from pp_media._hf.families import FamilyAdapter, adapter_for
+from pp_media._hf.loss import TokenSumCrossEntropy
+from pp_media._hf.partition import StageLayout, plan_stages
+from pp_media._hf.pruning import prune_to_stage
+from pp_media._hf.stage_module import VLMStage
+from pp_media._hf.tied import TiedEmbeddingSync, unique_parameters
+from pp_media._pipeline.step import step_with_media
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device("cpu")
+
+
+def _is_tied(model: nn.Module, adapter: FamilyAdapter) -> bool:
+    head = model.get_submodule(adapter.head_path)
+    embed = model.get_submodule(adapter.text_model_path).embed_tokens
+    return head.weight is embed.weight
+
+
+def check_partition(model: nn.Module, stages: Sequence[nn.Module], tied: bool) -> None:
+    """Across all stages, every parameter of ``model`` is held exactly once (a tied LM head
+    may repeat the embedding). Catches family adapters that miss or duplicate a part."""
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    held: dict[str, int] = {}
+    for stage in stages:
+        for name, _ in stage.named_parameters(remove_duplicate=False):
+            held[name] = held.get(name, 0) + 1
+    missing = sorted(names - held.keys())
+    repeated = sorted(name for name, count in held.items() if count > 1)
+    if missing or repeated:
+        raise ValueError(
+            "pp_media: the stage split does not hold every parameter exactly once; missing "
+            f"{missing[:5]}, repeated {repeated[:5]}. The family adapter's part paths are wrong."
+        )
+
+
+class VLMPipeline:
+    """This rank's part of a pipelined Hugging Face VLM.
+
+    ``stages`` are this rank's stage modules (parameter names are the unsplit model's),
+    ``schedule`` the torch schedule running them; ``step(batch)`` runs a whole training step.
+    """
+
+    def __init__(
+        self,
+        stages: list[VLMStage],
+        schedule: Any,
+        layout: StageLayout,
+        adapter: FamilyAdapter,
+        config: Any,
+        loss_fn: TokenSumCrossEntropy,
+        tied: TiedEmbeddingSync,
+        n_microbatches: int,
+        device: torch.device,
+    ) -> None:
+        self.stages = stages
+        self.schedule = schedule
+        self.layout = layout
+        self.adapter = adapter
+        self.config = config
+        self.loss_fn = loss_fn
+        self.tied = tied
+        self.n_microbatches = n_microbatches
+        self.device = device
+        self._microbatch_shape: tuple[int, ...] | None = None
+
+    @property
+    def has_first_stage(self) -> bool:
+        return any(stage.is_first for stage in self.stages)
+
+    @property
+    def has_last_stage(self) -> bool:
+        return any(stage.is_last for stage in self.stages)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """This rank's parameters, each once (give them to the optimizer)."""
+        return unique_parameters(self.stages)
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """This rank's parameters by the unsplit model's names."""
+        named: dict[str, nn.Parameter] = {}
+        for stage in self.stages:
+            named.update(stage.named_parameters())
+        return named
+
+    def prepare(self, batch: Mapping[str, Any]) -> StepInputs:
+        """What ``step`` does before running the schedule; exposed for inspection."""
+        inputs = prepare_step_inputs(batch, self.adapter, self.config, self.n_microbatches)
+        shape = (inputs.input_ids.shape[0] // self.n_microbatches, *inputs.input_ids.shape[1:])
+        if self._microbatch_shape is None:
+            self._microbatch_shape = shape
+        elif shape != self._microbatch_shape:
+            raise ValueError(
+                f"pp_media: this batch gives microbatches of {list(shape)} tokens but the "
+                f"pipeline was set up for {list(self._microbatch_shape)} (torch's stages fix "
+                "their buffers at the first step). Pad every batch to the same sequence length "
+                "and use the same batch size."
+            )
+        return inputs
+
+    def step(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """Forward and backward of one collated batch on every rank; gradients accumulate
+        into this rank's parameters. Returns the batch's loss (Hugging Face's ``labels=``
+        loss) on the rank of the last stage, None elsewhere."""
+        inputs = self.prepare(batch)
+        self.loss_fn.label_tokens = inputs.label_tokens
+        losses: list[torch.Tensor] | None = [] if self.has_last_stage else None
+        kwargs = {name: value.to(self.device) for name, value in inputs.kwargs.items()}
+        media = {
+            name: [chunk.to(self.device) for chunk in chunks]
+            for name, chunks in inputs.media.items()
+        }
+        step_with_media(
+            self.schedule,
+            inputs.input_ids.to(self.device),
+            media=media,
+            target=inputs.labels.to(self.device) if self.has_last_stage else None,
+            losses=losses,
+            return_outputs=False,
+            **kwargs,
+        )
+        self.tied.sync_grads()
+        if losses is None:
+            return None
+        return torch.stack([loss.detach() for loss in losses]).sum()
+
+
+def _load_model_source(
+    model: nn.Module | str | os.PathLike[str], device: torch.device, dtype: torch.dtype | None
+) -> tuple[nn.Module, Path | None]:
+    """The model to prune: the given one, or a meta-device skeleton of a checkpoint directory."""
+    if isinstance(model, nn.Module):
+        return model, None
+    from pp_media._hf.checkpoint import meta_skeleton
+
+    path = Path(model)
+    return meta_skeleton(path, dtype), path
+
+
+def build_vlm_pipeline(
+    model: nn.Module | str | os.PathLike[str],
+    *,
+    group: dist.ProcessGroup | None = None,
+    schedule: str = "1F1B",
+    n_microbatches: int = 4,
+    stages_per_rank: int | None = None,
+    layers_per_stage: Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> VLMPipeline:
+    """Split a Hugging Face ``*ForConditionalGeneration`` VLM into pipeline stages.
+
+    ``model`` is a model instance or a local checkpoint directory (``save_pretrained``
+    output); from a directory, this rank builds the model on the meta device and reads only
+    its own stages' tensors. ``group`` is the pipeline process group (default: the whole
+    world). ``schedule`` is one of torch's schedule names; ``stages_per_rank`` defaults to 1
+    (GPipe, 1F1B) or 2 (interleaved and V schedules); decoder layers are balanced over the
+    stages unless ``layers_per_stage`` says otherwise. Call on every rank of ``group``.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "pp_media: build_vlm_pipeline needs an initialised process group "
+            "(torch.distributed.init_process_group), one process per pipeline rank."
+        )
+    group = group if group is not None else dist.group.WORLD
+    pp_size = dist.get_world_size(group)
+    pp_rank = dist.get_rank(group)
+    global_ranks = dist.get_process_group_ranks(group)
+    target_device = torch.device(device) if device is not None else _default_device()
+
+    source, checkpoint = _load_model_source(model, target_device, dtype)
+    config = source.config
+    adapter = adapter_for(config)
+    n_layers = len(source.get_submodule(adapter.text_model_path).layers)
+    layout = plan_stages(schedule, pp_size, n_layers, stages_per_rank, layers_per_stage)
+    tied = _is_tied(source, adapter)
+
+    last = layout.n_stages - 1
+    all_views = [
+        prune_to_stage(source, adapter, layout.layers[s], s == 0, s == last)
+        for s in range(layout.n_stages)
+    ]
+    check_partition(source, all_views, tied)
+    local = layout.stages_of(pp_rank)
+    stages = [
+        VLMStage(all_views[s], adapter, config, s, layout.n_stages, layout.layers[s])
+        for s in local
+    ]
+    if checkpoint is not None:
+        from pp_media._hf.checkpoint import load_stage_weights
+
+        load_stage_weights(stages, source, checkpoint, target_device, dtype)
+    else:
+        for stage in stages:
+            stage.to(device=target_device, dtype=dtype)
+    for stage in stages:
+        stage.train()
+
+    local_tied_weight = None
+    if 0 in local:
+        local_tied_weight = stages[local.index(0)].get_submodule(adapter.text_model_path).embed_tokens.weight
+    elif last in local:
+        local_tied_weight = stages[local.index(last)].get_submodule(adapter.head_path).weight
+    tied_sync = TiedEmbeddingSync.create(
+        tied, local_tied_weight, global_ranks[layout.rank_of(0)], global_ranks[layout.rank_of(last)]
+    )
+
+    loss_fn = TokenSumCrossEntropy()
+    pipeline_stages = [
+        PipelineStage(stage, s, layout.n_stages, target_device, group=group)
+        for s, stage in zip(local, stages)
+    ]
+    schedule_kwargs: dict[str, Any] = {"loss_fn": loss_fn, "scale_grads": False}
+    if issubclass(layout.schedule_class, PipelineScheduleSingle):
+        torch_schedule = layout.schedule_class(pipeline_stages[0], n_microbatches, **schedule_kwargs)
+    else:
+        torch_schedule = layout.schedule_class(pipeline_stages, n_microbatches, **schedule_kwargs)
+    return VLMPipeline(
+        stages, torch_schedule, layout, adapter, config, loss_fn, tied_sync, n_microbatches, target_device
+    )

@@ -1,0 +1,97 @@
+"""The module one pipeline stage runs: generic over families, driven by the family adapter.
+
+Stage 0 embeds the tokens, runs the vision parts on the microbatch's own media (its forward
+keyword arguments, routed by ``step_with_media``), scatters the features into the placeholder
+positions and computes position ids. Every stage then runs its decoder layers through the
+family's own text-model forward (same masks, rotary embedding and layer calls as the unsplit
+model), and the last stage applies the final norm and the LM head. Between stages travel the
+hidden states ``[b, T, H]`` and, for M-RoPE families, the position ids: dense tensors of the
+same shape in every microbatch, as torch's receive buffers require.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pp_media._hf.families.base import FamilyAdapter
+
+
+class VLMStage(nn.Module):
+    """One stage of a Hugging Face VLM; parameter names are the unsplit model's."""
+
+    def __init__(
+        self,
+        pruned: nn.Module,
+        adapter: FamilyAdapter,
+        config: Any,
+        stage_index: int,
+        n_stages: int,
+        layers: tuple[int, ...],
+    ) -> None:
+        super().__init__()
+        for name, module in pruned.named_children():
+            self.add_module(name, module)
+        self.adapter = adapter
+        self.config = config
+        self.stage_index = stage_index
+        self.n_stages = n_stages
+        self.layer_indices = layers
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.n_stages - 1
+
+    def extra_repr(self) -> str:
+        held = f"layers {self.layer_indices[0]}..{self.layer_indices[-1]}" if self.layer_indices else "no layers"
+        return f"stage {self.stage_index} of {self.n_stages}, {held}"
+
+    def _embed(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
+        adapter = self.adapter
+        base = self.get_submodule(adapter.base_model_path)
+        text = self.get_submodule(adapter.text_model_path)
+        hidden = text.embed_tokens(input_ids)
+        for kind in adapter.media:
+            if media.get(kind.pixel_field) is None:
+                continue
+            features = adapter.features(base, kind, media).to(hidden.device, hidden.dtype)
+            placeholders = (input_ids == adapter.token_id(self.config, kind)).unsqueeze(-1)
+            hidden = hidden.masked_scatter(placeholders, features)
+        return hidden
+
+    def forward(
+        self,
+        *inputs: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        **media: torch.Tensor,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        adapter = self.adapter
+        position_ids: torch.Tensor | None = None
+        if self.is_first:
+            (input_ids,) = inputs
+            hidden = self._embed(input_ids, media)
+            if adapter.sends_position_ids:
+                base = self.get_submodule(adapter.base_model_path)
+                position_ids = adapter.position_ids(
+                    base, input_ids, attention_mask, mm_token_type_ids, media
+                )
+        else:
+            hidden, *rest = inputs
+            position_ids = rest[0] if rest else None
+        text = self.get_submodule(adapter.text_model_path)
+        hidden = text(
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        if self.is_last:
+            return self.get_submodule(adapter.head_path)(hidden)
+        return hidden if position_ids is None else (hidden, position_ids)
