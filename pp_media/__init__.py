@@ -2,7 +2,9 @@
 
 Collate side: ``wrap_vlm_collate_for_pp`` / ``prepare_vlm_media_for_pp`` split the media per
 microbatch exactly as ``torch.distributed.pipelining`` splits the text. Step side:
-``stage_vlm_media_for_pp`` hands stage 0 the media of the microbatch it computes.
+``stage_vlm_media_for_pp`` hands stage 0 the media of the microbatch it computes. Model side
+(the ``hf`` extra): ``build_vlm_pipeline`` splits a Hugging Face VLM into pipeline stages;
+those names load transformers on first use, so ``import pp_media`` needs only torch.
 """
 
 from pp_media._core.chunking import _select_image_grid as _select_image_grid
@@ -18,8 +20,31 @@ from pp_media._pipeline.step import step_with_media
 
 __version__ = "0.1.0"
 
+#: Model-side names, imported on first access (they need transformers).
+_HF_NAMES = {
+    "build_vlm_pipeline": "pp_media._hf.pipeline",
+    "VLMPipeline": "pp_media._hf.pipeline",
+    "FamilyAdapter": "pp_media._hf.families",
+    "MediaKind": "pp_media._hf.families",
+    "register_family": "pp_media._hf.families",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _HF_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pp_media' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
 __all__ = [
     "VLM_PP_MEDIA_KEY",
+    "FamilyAdapter",
+    "MediaKind",
+    "VLMPipeline",
+    "build_vlm_pipeline",
     "chunk_step3_media",
     "chunk_vlm_media",
     "count_items_per_sample",
@@ -27,6 +52,7 @@ __all__ = [
     "move_vlm_media_to_device",
     "pad_to_even_microbatches",
     "prepare_vlm_media_for_pp",
+    "register_family",
     "stage_vlm_media_for_pp",
     "step_with_media",
     "wrap_vlm_collate_for_pp",

@@ -79,7 +79,7 @@ def check_placeholders(
                 items = [1] * (end - start) if counts is None else counts[k].tolist()
                 offsets = [sum(items[:i]) for i in range(len(items) + 1)]
                 per_sample = [sum(tokens[offsets[i] : offsets[i + 1]]) for i in range(len(items))]
-            for i, (found, expected) in enumerate(zip(placeholders, per_sample)):
+            for i, (found, expected) in enumerate(zip(placeholders, per_sample, strict=True)):
                 if found != expected:
                     raise ValueError(
                         f"pp_media: microbatch {k}, sample {start + i} of the batch: {found} "

@@ -73,9 +73,7 @@ def balanced_layers(n_layers: int, n_stages: int) -> list[int]:
     stage 0 also runs the vision tower and the last stage the LM head and loss."""
     counts = [n_layers // n_stages] * n_stages
     middle = (n_stages - 1) / 2
-    for stage in sorted(range(n_stages), key=lambda s: (abs(s - middle), s))[
-        : n_layers % n_stages
-    ]:
+    for stage in sorted(range(n_stages), key=lambda s: (abs(s - middle), s))[: n_layers % n_stages]:
         counts[stage] += 1
     return counts
 
@@ -124,5 +122,7 @@ def plan_stages(
                 f"(one per stage) that sum to the model's {n_layers} decoder layers."
             )
     starts = [sum(counts[:s]) for s in range(n_stages)]
-    layers = tuple(tuple(range(start, start + count)) for start, count in zip(starts, counts))
+    layers = tuple(
+        tuple(range(start, start + count)) for start, count in zip(starts, counts, strict=True)
+    )
     return StageLayout(cls, pp_size, per_rank, layers)

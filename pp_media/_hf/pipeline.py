@@ -201,8 +201,7 @@ def build_vlm_pipeline(
     check_partition(source, all_views, tied)
     local = layout.stages_of(pp_rank)
     stages = [
-        VLMStage(all_views[s], adapter, config, s, layout.n_stages, layout.layers[s])
-        for s in local
+        VLMStage(all_views[s], adapter, config, s, layout.n_stages, layout.layers[s]) for s in local
     ]
     if checkpoint is not None:
         from pp_media._hf.checkpoint import load_stage_weights
@@ -216,7 +215,9 @@ def build_vlm_pipeline(
 
     local_tied_weight = None
     if 0 in local:
-        local_tied_weight = stages[local.index(0)].get_submodule(adapter.text_model_path).embed_tokens.weight
+        local_tied_weight = (
+            stages[local.index(0)].get_submodule(adapter.text_model_path).embed_tokens.weight
+        )
     elif last in local:
         local_tied_weight = stages[local.index(last)].get_submodule(adapter.head_path).weight
     tied_sync = TiedEmbeddingSync.create(
@@ -226,13 +227,23 @@ def build_vlm_pipeline(
     loss_fn = TokenSumCrossEntropy()
     pipeline_stages = [
         PipelineStage(stage, s, layout.n_stages, target_device, group=group)
-        for s, stage in zip(local, stages)
+        for s, stage in zip(local, stages, strict=True)
     ]
     schedule_kwargs: dict[str, Any] = {"loss_fn": loss_fn, "scale_grads": False}
     if issubclass(layout.schedule_class, PipelineScheduleSingle):
-        torch_schedule = layout.schedule_class(pipeline_stages[0], n_microbatches, **schedule_kwargs)
+        torch_schedule = layout.schedule_class(
+            pipeline_stages[0], n_microbatches, **schedule_kwargs
+        )
     else:
         torch_schedule = layout.schedule_class(pipeline_stages, n_microbatches, **schedule_kwargs)
     return VLMPipeline(
-        stages, torch_schedule, layout, adapter, config, loss_fn, tied_sync, n_microbatches, target_device
+        stages,
+        torch_schedule,
+        layout,
+        adapter,
+        config,
+        loss_fn,
+        tied_sync,
+        n_microbatches,
+        target_device,
     )

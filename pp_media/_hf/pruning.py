@@ -81,9 +81,7 @@ def prune_to_stage(
     root._modules[base_path] = base
     keep = {adapter.text_model_path, *(adapter.vision_paths if is_first else ())}
     base._modules = {
-        name: module
-        for name, module in base._modules.items()
-        if f"{base_path}.{name}" in keep
+        name: module for name, module in base._modules.items() if f"{base_path}.{name}" in keep
     }
     text_parent, text_name = _parent_and_name(root, adapter.text_model_path)
     text = _shallow(model.get_submodule(adapter.text_model_path))

@@ -49,7 +49,11 @@ class VLMStage(nn.Module):
         return self.stage_index == self.n_stages - 1
 
     def extra_repr(self) -> str:
-        held = f"layers {self.layer_indices[0]}..{self.layer_indices[-1]}" if self.layer_indices else "no layers"
+        held = (
+            f"layers {self.layer_indices[0]}..{self.layer_indices[-1]}"
+            if self.layer_indices
+            else "no layers"
+        )
         return f"stage {self.stage_index} of {self.n_stages}, {held}"
 
     def _embed(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:

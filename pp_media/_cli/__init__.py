@@ -1,0 +1,1 @@
+"""The ``pp-media`` command: ``demo`` (pipelined training beside a reference) and ``inspect``."""

@@ -1,0 +1,113 @@
+"""``pp-media`` argument parsing; each sub-command lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pp_media._hf.partition import SCHEDULE_NAMES
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pp-media",
+        description="Vision-language models under torch pipeline parallelism, media kept aligned.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,inspect}")
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a VLM pipelined beside a single-process reference and compare the losses",
+        description=(
+            "Train a VLM split into pipeline stages (one local process per rank, or one "
+            "torchrun process per rank) beside a single-process reference run of the same "
+            "model, data and optimizer; print both losses per step and a PASS/FAIL verdict."
+        ),
+    )
+    demo.add_argument(
+        "--model",
+        default="qwen2_vl",
+        help="a model_type for a tiny random model (qwen2_vl, qwen2_5_vl, llava) or a local "
+        "checkpoint directory (default: qwen2_vl)",
+    )
+    demo.add_argument("--pp-size", type=_positive, default=2, help="pipeline ranks (default 2)")
+    demo.add_argument(
+        "--virtual-stages",
+        type=_positive,
+        default=None,
+        help="stages per rank (default: 1, or 2 for interleaved and V schedules)",
+    )
+    demo.add_argument("--microbatches", type=_positive, default=4, help="default 4")
+    demo.add_argument(
+        "--schedule", default="1F1B", help=f"one of {', '.join(SCHEDULE_NAMES)} (default 1F1B)"
+    )
+    demo.add_argument("--steps", type=_positive, default=20, help="optimizer steps (default 20)")
+    demo.add_argument(
+        "--batch-size", type=_positive, default=6, help="samples per step (default 6)"
+    )
+    demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    demo.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32")
+    demo.add_argument("--seed", type=int, default=0, help="default 0")
+    demo.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    demo.add_argument(
+        "--videos", action="store_true", help="add videos beside the images (Qwen-VL families)"
+    )
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="show how a batch's samples and media fall into microbatches",
+        description=(
+            "For a batch (synthetic by default, or a dict of tensors saved with torch.save) and "
+            "a microbatch count, print each microbatch's samples, images, videos, patches and "
+            "placeholder tokens, and flag every mismatch."
+        ),
+    )
+    inspect.add_argument("batch", nargs="?", help="a torch.save'd dict of tensors (optional)")
+    inspect.add_argument(
+        "--model",
+        default="qwen2_vl",
+        help="model_type (or checkpoint directory) whose placeholder rule applies (default "
+        "qwen2_vl)",
+    )
+    inspect.add_argument("--microbatches", type=_positive, default=4, help="default 4")
+    inspect.add_argument(
+        "--batch-size", type=_positive, default=6, help="synthetic batch size (default 6)"
+    )
+    inspect.add_argument("--seed", type=int, default=0, help="synthetic batch seed (default 0)")
+    inspect.add_argument("--videos", action="store_true", help="synthetic batch with videos")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            from pp_media._cli.demo import run_demo
+
+            return run_demo(args)
+        from pp_media._cli.inspect_batch import run_inspect
+
+        return run_inspect(args)
+    except ImportError as error:
+        print(
+            f"pp-media: {error.name or error} is not installed; the command needs the hf extra: "
+            "pip install 'pp-media[hf]'",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def main_entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Synthetic image-text batches laid out exactly as the family's processor and collate emit.
+
+Images (0..3 per sample, several sizes, text-only samples included) go through the family's
+real image processor. Videos, whose processors need torchvision (not importable beside the CPU
+build of torch used here), are built directly in the Qwen-VL video processor's output layout:
+``pixel_values_videos [sum(t*h*w), C * temporal_patch * patch**2]`` with ``video_grid_thw``
+rows ``[frames // temporal_patch, H // patch, W // patch]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pp_media._cli.tiny_models import image_processor
+from pp_media._hf.families import adapter_for
+
+#: Image sizes (height, width) the batches draw from; all multiples of 28 (Qwen patch x merge).
+IMAGE_SIZES = ((56, 56), (56, 84), (84, 56), (112, 56), (56, 112), (84, 84))
+
+
+def _image(generator: torch.Generator, height: int, width: int) -> Any:
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def _videos(config: Any, generator: torch.Generator, n_videos: int) -> dict[str, torch.Tensor]:
+    vision = config.vision_config
+    patch, temporal = vision.patch_size, vision.temporal_patch_size
+    grids = []
+    for _ in range(n_videos):
+        frames = temporal * int(torch.randint(1, 3, (1,), generator=generator))
+        height, width = IMAGE_SIZES[int(torch.randint(len(IMAGE_SIZES), (1,), generator=generator))]
+        grids.append([frames // temporal, height // patch, width // patch])
+    grid = torch.tensor(grids, dtype=torch.int64).reshape(-1, 3)
+    rows = int(grid.prod(-1).sum())
+    pixels = torch.randn(rows, vision.in_channels * temporal * patch * patch, generator=generator)
+    return {"pixel_values_videos": pixels, "video_grid_thw": grid}
+
+
+def synthetic_batch(
+    config: Any,
+    batch_size: int,
+    seq_len: int,
+    *,
+    seed: int,
+    max_images: int = 3,
+    videos: bool = False,
+) -> dict[str, torch.Tensor]:
+    """A collated batch: ``input_ids``, ``attention_mask`` (right padding to ``seq_len``),
+    ``labels`` (-100 on padding and media tokens), the processor's media fields and, for
+    M-RoPE families, ``mm_token_type_ids``. Sample 0 is always text-only; with ``videos``,
+    every third sample also carries one video. Deterministic in ``seed``."""
+    adapter = adapter_for(config)
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, max_images + 1, (batch_size,), generator=generator)
+    counts[0] = 0
+    images = [
+        [
+            _image(generator, *IMAGE_SIZES[int(i)])
+            for i in torch.randint(len(IMAGE_SIZES), (int(n),), generator=generator)
+        ]
+        for n in counts
+    ]
+    batch: dict[str, torch.Tensor] = {}
+    flat = [image for sample in images for image in sample]
+    if flat:
+        batch.update(image_processor(config)(images=flat, return_tensors="pt"))
+    video_counts = torch.zeros(batch_size, dtype=torch.int64)
+    if videos:
+        video_counts[1::3] = 1
+        if int(video_counts.sum()):
+            batch.update(_videos(config, generator, int(video_counts.sum())))
+
+    image_kind = adapter.media[0]
+    image_tokens = adapter.tokens_per_item(config, image_kind, batch).tolist() if flat else []
+    video_tokens: list[int] = []
+    if int(video_counts.sum()):
+        video_tokens = adapter.tokens_per_item(config, adapter.media[1], batch).tolist()
+    start = getattr(config, "vision_start_token_id", None)
+    end = getattr(config, "vision_end_token_id", None)
+
+    def placeholder_run(token: int, n_tokens: int) -> list[int]:
+        run = [token] * n_tokens
+        return run if start is None else [start, *run, end]
+
+    rows = []
+    image_iter, video_iter = iter(image_tokens), iter(video_tokens)
+    for i in range(batch_size):
+        row = torch.randint(10, 900, (3,), generator=generator).tolist()
+        for _ in range(int(counts[i])):
+            row += placeholder_run(adapter.token_id(config, image_kind), next(image_iter))
+            row += torch.randint(10, 900, (2,), generator=generator).tolist()
+        for _ in range(int(video_counts[i])):
+            row += placeholder_run(adapter.token_id(config, adapter.media[1]), next(video_iter))
+        text_len = int(torch.randint(4, 12, (1,), generator=generator))
+        row += torch.randint(10, 900, (text_len,), generator=generator).tolist()
+        if len(row) > seq_len:
+            raise ValueError(
+                f"pp_media: synthetic sample {i} needs {len(row)} tokens but seq_len is "
+                f"{seq_len}; use a longer sequence or fewer images."
+            )
+        rows.append(row)
+
+    input_ids = torch.full((batch_size, seq_len), config.get_text_config().pad_token_id or 0)
+    attention_mask = torch.zeros(batch_size, seq_len, dtype=torch.int64)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    media_tokens = torch.zeros_like(input_ids, dtype=torch.bool)
+    for kind in adapter.media:
+        media_tokens |= input_ids == adapter.token_id(config, kind)
+    for token in (start, end):
+        if token is not None:
+            media_tokens |= input_ids == token
+    labels = input_ids.masked_fill(media_tokens | (attention_mask == 0), -100)
+    batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    if adapter.sends_position_ids:
+        batch["mm_token_type_ids"] = adapter.token_type_ids(config, input_ids)
+    return batch
+
+
+def default_seq_len(config: Any, *, max_images: int = 3, videos: bool = False) -> int:
+    """A sequence length that fits any sample ``synthetic_batch`` draws, rounded up to 16."""
+    adapter = adapter_for(config)
+    generator = torch.Generator().manual_seed(0)
+    media = image_processor(config)(
+        images=[_image(generator, h, w) for h, w in IMAGE_SIZES], return_tensors="pt"
+    )
+    per_image = int(adapter.tokens_per_item(config, adapter.media[0], media).max())
+    separators = 2 if getattr(config, "vision_start_token_id", None) is not None else 0
+    longest = 3 + max_images * (per_image + separators + 2) + 11
+    if videos:
+        vision = config.vision_config
+        grid = torch.tensor(
+            [[2, h // vision.patch_size, w // vision.patch_size] for h, w in IMAGE_SIZES]
+        )
+        per_video = adapter.tokens_per_item(config, adapter.media[1], {"video_grid_thw": grid})
+        longest += int(per_video.max()) + separators
+    return -(-longest // 16) * 16

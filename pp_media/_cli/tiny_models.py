@@ -1,0 +1,104 @@
+"""Tiny random-weight configs of each supported family, for the demo and the tests.
+
+Sizes are small enough that 20 training steps on 2 CPU processes take seconds, and consistent
+with the family's real image processor as constructed by ``image_processor``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 990, 991, 992, 993
+VOCAB = 1000
+_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+_QWEN_VISION = {
+    "depth": 2,
+    "hidden_size": 64,
+    "num_heads": 2,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "in_channels": 3,
+}
+#: LLaVA's tiny vision tower sees 56x56 images: (56 // 14)**2 = 16 placeholders per image.
+LLAVA_IMAGE_SIZE = 56
+
+
+def tiny_model_types() -> tuple[str, ...]:
+    return ("qwen2_vl", "qwen2_5_vl", "llava")
+
+
+def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bool = False) -> Any:
+    """A small config of ``model_type`` with ``num_layers`` decoder layers."""
+    import transformers
+
+    text = {**_TEXT, "num_hidden_layers": num_layers, "tie_word_embeddings": tie_word_embeddings}
+    tokens = {"image_token_id": IMAGE_TOKEN, "tie_word_embeddings": tie_word_embeddings}
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
+        tokens.update(
+            video_token_id=VIDEO_TOKEN,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+        )
+        if model_type == "qwen2_vl":
+            vision = {**_QWEN_VISION, "embed_dim": 32, "mlp_ratio": 2}
+            return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+        vision = {
+            **_QWEN_VISION,
+            "intermediate_size": 64,
+            "out_hidden_size": 64,
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+        }
+        return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+    if model_type == "llava":
+        vision = {
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": LLAVA_IMAGE_SIZE,
+            "patch_size": 14,
+        }
+        return transformers.LlavaConfig(
+            vision_config=vision, text_config={**text, "model_type": "llama"}, **tokens
+        )
+    raise ValueError(
+        f"pp_media: no tiny config for model_type {model_type!r}; choose one of "
+        f"{', '.join(tiny_model_types())}, or pass a checkpoint directory."
+    )
+
+
+def image_processor(config: Any) -> Any:
+    """The family's real image processor, built offline (PIL backend; no torchvision here)."""
+    import transformers
+
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        return _pil_class(transformers, "Qwen2VLImageProcessor")(
+            patch_size=config.vision_config.patch_size,
+            merge_size=config.vision_config.spatial_merge_size,
+            temporal_patch_size=config.vision_config.temporal_patch_size,
+        )
+    if config.model_type == "llava":
+        size = config.vision_config.image_size
+        return _pil_class(transformers, "CLIPImageProcessor")(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+    raise ValueError(f"pp_media: no image processor known for model_type {config.model_type!r}.")
+
+
+def _pil_class(transformers: Any, name: str) -> Any:
+    """The PIL backend of a processor when transformers has one (what it falls back to without
+    torchvision anyway, minus the warning), else the processor class itself."""
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
