@@ -18,6 +18,16 @@ def _positive(value: str) -> int:
     return number
 
 
+def _layer_counts(value: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer counts such as 1,3; got {value!r}"
+        ) from None
+    return counts
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pp-media",
@@ -46,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=None,
         help="stages per rank (default: 1, or 2 for interleaved and V schedules)",
+    )
+    demo.add_argument(
+        "--layers-per-stage",
+        type=_layer_counts,
+        default=None,
+        help="decoder layers of each stage, comma-separated (default: balanced)",
     )
     demo.add_argument("--microbatches", type=_positive, default=4, help="default 4")
     demo.add_argument(

@@ -70,10 +70,13 @@ def default_stages_per_rank(cls: type) -> int:
 
 def balanced_layers(n_layers: int, n_stages: int) -> list[int]:
     """Layers per stage, as even as possible; the extra layers go to the middle stages, since
-    stage 0 also runs the vision tower and the last stage the LM head and loss."""
+    stage 0 also runs the vision tower and the last stage the LM head and loss; between two
+    equally central stages the later one gets it (vision towers outweigh LM heads)."""
     counts = [n_layers // n_stages] * n_stages
     middle = (n_stages - 1) / 2
-    for stage in sorted(range(n_stages), key=lambda s: (abs(s - middle), s))[: n_layers % n_stages]:
+    for stage in sorted(range(n_stages), key=lambda s: (abs(s - middle), -s))[
+        : n_layers % n_stages
+    ]:
         counts[stage] += 1
     return counts
 
@@ -111,7 +114,7 @@ def plan_stages(
         if n_stages > n_layers:
             raise ValueError(
                 f"pp_media: {n_stages} stages but the model has {n_layers} decoder layers; use "
-                f"at most {n_layers} stages (pp_size x virtual stages), or pass layers_per_stage."
+                f"at most {n_layers} stages (pp_size x virtual stages)."
             )
         counts = balanced_layers(n_layers, n_stages)
     else:

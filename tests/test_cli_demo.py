@@ -1,0 +1,115 @@
+"""``pp-media demo`` run as a new user runs it: real processes, real output checked.
+
+The default command trains a tiny Qwen2-VL on 2 gloo ranks for 20 steps beside a reference;
+its table must show 20 steps whose two losses agree within the stated tolerance and end with a
+PASS verdict. A saved checkpoint directory runs through the same command.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pp_media._cli.main import main
+
+transformers = pytest.importorskip("transformers")
+
+_ROW = re.compile(r"^\s*(\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)\s+(\S+)$", re.MULTILINE)
+
+
+def _console_script() -> str:
+    script = Path(sys.executable).with_name("pp-media")
+    assert script.exists(), f"the pp-media console script is not installed next to {sys.executable}"
+    return str(script)
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+
+
+def _losses(stdout: str) -> list[tuple[int, float, float]]:
+    return [(int(m[1]), float(m[2]), float(m[3])) for m in _ROW.finditer(stdout)]
+
+
+def test_default_demo_passes() -> None:
+    result = _run([_console_script(), "demo"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = _losses(result.stdout)
+    assert [step for step, _, _ in rows] == list(range(20))
+    assert max(abs(ref - pipe) for _, ref, pipe in rows) <= 1e-5
+    verdict = result.stdout.strip().splitlines()[-2]
+    assert verdict.startswith("PASS: tiny random qwen2_vl, 1F1B, 2 ranks, 4 microbatches, 20 steps")
+    assert "rank 0: stage 0: layers 0-1" in result.stdout
+    assert "rank 1: stage 1: layers 2-3" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_from_a_saved_checkpoint(tmp_path: Path) -> None:
+    from pp_media._cli.tiny_models import tiny_config
+
+    torch.manual_seed(3)
+    config = tiny_config("qwen2_vl", tie_word_embeddings=True)
+    transformers.AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path)
+    demo = [sys.executable, "-m", "pp_media", "demo", "--model", str(tmp_path)]
+    result = _run([*demo, "--steps", "3", "--schedule", "ZBVZeroBubble", "--videos"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(_losses(result.stdout)) == 3
+    assert f"PASS: qwen2_vl from {tmp_path}, ZBVZeroBubble" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--schedule", "Zigzag"],
+            "unknown schedule 'Zigzag'; choose one of GPipe, 1F1B, Interleaved1F1B, LoopedBFS, "
+            "InterleavedZeroBubble, ZBVZeroBubble, DualPipeV",
+        ),
+        (
+            ["--model", "bert"],
+            "--model 'bert' is neither a checkpoint directory nor one of qwen2_vl, qwen2_5_vl, "
+            "llava",
+        ),
+        (
+            ["--batch-size", "3"],
+            "--batch-size 3 is smaller than --microbatches 4; every microbatch needs at least one "
+            "sample",
+        ),
+        (
+            ["--pp-size", "3", "--schedule", "Interleaved1F1B"],
+            "6 stages but the model has 4 decoder layers; use at most 4 stages (pp_size x virtual "
+            "stages).",
+        ),
+        (
+            ["--schedule", "1F1B", "--virtual-stages", "2"],
+            "schedule '1F1B' runs one stage per rank; got 2 virtual stages. Use Interleaved1F1B, "
+            "LoopedBFS or InterleavedZeroBubble for more.",
+        ),
+        (["--model", "llava", "--videos"], "--videos: llava takes no videos"),
+        (["--device", "tpu"], "unknown device 'tpu'; choose cpu or cuda"),
+    ],
+)
+def test_impossible_options_give_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"pp-media demo: error: {message}\n"
+    assert captured.out == ""
+
+
+def test_unknown_option_values_are_refused_by_the_parser(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--dtype", "int8"])
+    assert exit_info.value.code == 2
+    message = (
+        "argument --dtype: invalid choice: 'int8' (choose from 'float32', 'bfloat16', 'float16')"
+    )
+    assert message in capsys.readouterr().err
