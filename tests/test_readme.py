@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,36 @@ def test_readme_example_is_the_example_script_and_its_output() -> None:
 
 def test_readme_test_command_is_what_ci_runs() -> None:
     (command,) = (block.strip() for block in _readme_blocks("bash", section="Test"))
-    assert command in (ROOT / ".ci" / "run").read_text()
+    assert command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_readme_starts_with_the_set_up_and_demo_command_then_the_test_command() -> None:
+    intro = (ROOT / "README.md").read_text().split("\n## ", 1)[0]
+    setup, tests = (block.strip() for block in re.findall(r"```bash\n(.*?)```", intro, re.DOTALL))
+    assert setup.startswith("python3 -m venv .venv && source .venv/bin/activate && pip install")
+    assert setup.endswith("&& pp-media demo")
+    (documented,) = (block.strip() for block in _readme_blocks("bash", section="Test"))
+    assert tests == documented
+
+
+def test_torchrun_training_example_runs() -> None:
+    """``examples/train_hf_pipeline.py`` as the README says to run it: torchrun, two ranks."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    result = subprocess.run(
+        [*torchrun, "--master-port", str(port), str(ROOT / "examples" / "train_hf_pipeline.py")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    losses = [float(x) for x in re.findall(r"^step \d: loss ([0-9.]+)$", result.stdout, re.M)]
+    assert len(losses) == 3 and all(5.0 < loss < 8.0 for loss in losses), result.stdout
+    assert "rank 0 ran stage 0, stage 2" in result.stdout
+    assert "rank 1 ran stage 1, stage 3" in result.stdout
 
 
 def test_pipeline_example_matches_its_single_process_reference() -> None:

@@ -1,0 +1,92 @@
+"""Your own training loop over a Hugging Face VLM split into pipeline stages.
+
+Run one process per pipeline rank with torchrun (gloo on the CPU here; NCCL on GPUs):
+
+    torchrun --nproc-per-node 2 examples/train_hf_pipeline.py
+
+Rank 0 saves a tiny random Qwen2-VL checkpoint (a stand-in for a real one), every rank loads
+only its own stage's tensors from it, and each step's batch is what a Qwen2-VL collate
+function returns: the real image processor's ``pixel_values`` and ``image_grid_thw``, token ids
+with the image placeholders expanded, labels and an attention mask, padded to a fixed length.
+"""
+
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import transformers
+from PIL import Image
+
+import pp_media
+
+IMAGE, START, END, SEQ_LEN, BATCH, MICROBATCHES = 990, 992, 993, 48, 6, 4
+
+
+def tiny_checkpoint(path: str) -> None:
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, vocab_size=1000)
+    text.update(num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, spatial_merge_size=2)
+    config = transformers.Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=IMAGE,
+        video_token_id=991,
+        vision_start_token_id=START,
+        vision_end_token_id=END,
+    )
+    torch.manual_seed(0)
+    transformers.Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+
+
+def collate(step: int) -> dict[str, torch.Tensor]:
+    """Sample i has i % 3 images of 56x56 pixels (4 placeholder tokens each)."""
+    generator = torch.Generator().manual_seed(step)
+    images, rows = [], []
+    for i in range(BATCH):
+        row = torch.randint(10, 900, (4,), generator=generator).tolist()
+        for _ in range(i % 3):
+            pixels = torch.randint(0, 256, (56, 56, 3), generator=generator, dtype=torch.uint8)
+            images.append(Image.fromarray(pixels.numpy()))
+            row += [START, IMAGE, IMAGE, IMAGE, IMAGE, END]
+        rows.append(row + torch.randint(10, 900, (8,), generator=generator).tolist())
+    processor = transformers.Qwen2VLImageProcessorPil()
+    batch = dict(processor(images=images, return_tensors="pt"))
+    input_ids = torch.zeros(BATCH, SEQ_LEN, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    labels = input_ids.masked_fill((attention_mask == 0) | (input_ids >= IMAGE), -100)
+    batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    return batch
+
+
+def main() -> None:
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    torch.set_num_threads(1)
+    checkpoint = os.path.join(
+        tempfile.gettempdir(), f"pp_media_example_{os.environ['MASTER_PORT']}"
+    )
+    if dist.get_rank() == 0:
+        tiny_checkpoint(checkpoint)
+    dist.barrier()
+
+    pipe = pp_media.build_vlm_pipeline(
+        checkpoint, schedule="Interleaved1F1B", n_microbatches=MICROBATCHES
+    )
+    optimizer = torch.optim.AdamW(pipe.parameters(), lr=1e-3)
+    for step in range(3):
+        loss = pipe.step(collate(step))  # forward and backward on every rank
+        optimizer.step()
+        optimizer.zero_grad()
+        if loss is not None:  # the rank that runs the last stage
+            print(f"step {step}: loss {loss.item():.4f}")
+    stages = [f"stage {stage.stage_index}" for stage in pipe.stages]
+    print(f"rank {dist.get_rank()} ran {', '.join(stages)}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

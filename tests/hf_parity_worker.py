@@ -1,0 +1,361 @@
+"""Hugging Face stage splitting against the unsplit model, on 2 real gloo ranks.
+
+Each case builds the same tiny VLM on both ranks, runs the unsplit copy on the whole batch as
+the reference, then ``build_vlm_pipeline(...).step(batch)`` and records, per rank, the largest
+loss and gradient (and, with an optimizer, parameter) differences from the reference, the
+parameter names and sizes the rank holds, and the tied-embedding state.
+``test_hf_parity.py`` spawns ``worker`` once for all cases and asserts on the JSON it writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+WORLD_SIZE = 2
+BATCH_SIZE = 6
+N_MICROBATCHES = 4
+MODEL_SEED = 0
+BATCH_SEED = 1
+EMBED = "model.language_model.embed_tokens.weight"
+HEAD = "lm_head.weight"
+#: Batch fields that would give the items per sample; the pipeline must derive them instead.
+COUNT_FIELDS = ("n_images_per_sample", "n_videos_per_sample")
+SCHEDULES = (
+    "GPipe",
+    "1F1B",
+    "Interleaved1F1B",
+    "LoopedBFS",
+    "InterleavedZeroBubble",
+    "ZBVZeroBubble",
+    "DualPipeV",
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One pipelined step (or ``steps`` SGD steps) beside the unsplit reference."""
+
+    model_type: str
+    schedule: str
+    #: "images" (0..3 per sample), "videos" (images and videos), "one_image" (LLaVA
+    #: ``[B, C, H, W]``, exactly one image per sample) or "text_only".
+    batch: str = "images"
+    tied: bool = False
+    #: Remove ``mm_token_type_ids`` from the pipeline's batch (the pipeline derives it).
+    drop_mm_token_type_ids: bool = False
+    #: Save the model with ``save_pretrained`` and build both runs from the directory.
+    checkpoint: bool = False
+    #: Swap two equal-grid images of different samples in the pipeline's batch only.
+    misroute: bool = False
+    #: Optimizer steps (SGD, lr 0.5) after each pipeline step; 0: one step, no optimizer.
+    sgd_steps: int = 0
+    #: Seed of the (first) batch. With videos, seed 1 gives microbatches of images and videos,
+    #: of text only and of one image; seed 3 gives video-only, image-only and text-only ones.
+    seed: int = BATCH_SEED
+    #: ``build_vlm_pipeline(layers_per_stage=)``; None: balanced.
+    layers_per_stage: tuple[int, ...] | None = None
+
+    @property
+    def key(self) -> str:
+        parts = [self.model_type, self.batch, self.schedule]
+        for flag in ("tied", "checkpoint", "misroute"):
+            if getattr(self, flag):
+                parts.append(flag)
+        if self.drop_mm_token_type_ids:
+            parts.append("no_mm_token_type_ids")
+        if self.sgd_steps:
+            parts.append(f"sgd{self.sgd_steps}")
+        if self.seed != BATCH_SEED:
+            parts.append(f"seed{self.seed}")
+        if self.layers_per_stage is not None:
+            parts.append("layers" + "-".join(map(str, self.layers_per_stage)))
+        return "/".join(parts)
+
+
+def cases() -> list[Case]:
+    """Every case the test asserts on, in the order both ranks run them."""
+    result = [Case("qwen2_vl", schedule) for schedule in SCHEDULES]
+    result += [
+        Case("qwen2_vl", "1F1B", batch="videos"),
+        Case("qwen2_vl", "Interleaved1F1B", batch="videos", seed=3),
+        Case("qwen2_5_vl", "1F1B", batch="videos", seed=3),
+        Case("qwen2_5_vl", "ZBVZeroBubble", batch="videos"),
+        Case("llava", "1F1B"),
+        Case("llava", "Interleaved1F1B"),
+        Case("llava", "1F1B", batch="one_image"),
+        Case("qwen2_vl", "1F1B", batch="videos", drop_mm_token_type_ids=True),
+        Case("qwen2_vl", "1F1B", batch="videos", drop_mm_token_type_ids=True, seed=3),
+        Case("qwen2_vl", "1F1B", batch="text_only"),
+        Case("qwen2_vl", "Interleaved1F1B", batch="videos", layers_per_stage=(0, 2, 2, 0)),
+        Case("qwen2_vl", "1F1B", layers_per_stage=(3, 1)),
+        Case("qwen2_vl", "1F1B", tied=True, sgd_steps=3),
+        Case("qwen2_vl", "ZBVZeroBubble", tied=True, sgd_steps=3),
+        Case("qwen2_vl", "1F1B", checkpoint=True),
+        Case("qwen2_vl", "1F1B", tied=True, checkpoint=True),
+        Case("qwen2_vl", "1F1B", misroute=True),
+    ]
+    return result
+
+
+# --- batches ---------------------------------------------------------------------------
+
+
+def one_image_per_sample_batch(config: Any, seed: int) -> dict[str, torch.Tensor]:
+    """LLaVA batch with exactly one image per sample: ``pixel_values [B, C, H, W]``, built
+    with the real image processor (``synthetic_batch`` always makes sample 0 text-only)."""
+    from PIL import Image
+
+    from pp_media._cli.tiny_models import image_processor
+
+    generator = torch.Generator().manual_seed(seed)
+    size = config.vision_config.image_size
+    images = [
+        Image.fromarray(
+            torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8).numpy()
+        )
+        for _ in range(BATCH_SIZE)
+    ]
+    pixel_values = image_processor(config)(images=images, return_tensors="pt")["pixel_values"]
+    per_image = (size // config.vision_config.patch_size) ** 2  # 16 with the tiny config
+    seq_len = 32
+    input_ids = torch.zeros(BATCH_SIZE, seq_len, dtype=torch.int64)
+    attention_mask = torch.zeros_like(input_ids)
+    for i in range(BATCH_SIZE):
+        text = int(torch.randint(4, 12, (1,), generator=generator))
+        row = [
+            *torch.randint(10, 900, (1 + i % 3,), generator=generator).tolist(),
+            *[config.image_token_id] * per_image,
+            *torch.randint(10, 900, (text,), generator=generator).tolist(),
+        ]
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    labels = input_ids.masked_fill(
+        (input_ids == config.image_token_id) | (attention_mask == 0), -100
+    )
+    return {
+        "pixel_values": pixel_values,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+    }
+
+
+def make_batch(config: Any, case: Case, seed: int) -> dict[str, torch.Tensor]:
+    """The case's collated batch (what the reference model gets)."""
+    from pp_media._cli.synthetic import default_seq_len, synthetic_batch
+
+    if case.batch == "one_image":
+        return one_image_per_sample_batch(config, seed)
+    videos = case.batch == "videos"
+    max_images = 0 if case.batch == "text_only" else 3
+    seq_len = default_seq_len(config, videos=videos)
+    return synthetic_batch(
+        config, BATCH_SIZE, seq_len, seed=seed, max_images=max_images, videos=videos
+    )
+
+
+def image_owners(batch: dict[str, torch.Tensor], config: Any) -> list[int]:
+    """The sample each Qwen image belongs to (images fill samples' placeholders in order)."""
+    merge = config.vision_config.spatial_merge_size
+    tokens = (batch["image_grid_thw"].prod(-1) // merge**2).tolist()
+    per_sample = (batch["input_ids"] == config.image_token_id).sum(1).tolist()
+    owners, sample = [], 0
+    for n_tokens in tokens:
+        while per_sample[sample] == 0:
+            sample += 1
+        owners.append(sample)
+        per_sample[sample] -= n_tokens
+    return owners
+
+
+def misrouted(batch: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """A copy of ``batch`` whose pixels of two equal-grid images of different samples are
+    swapped: every shape, count and placeholder still checks out, only the routing is wrong."""
+    grids = batch["image_grid_thw"]
+    owners = image_owners(batch, config)
+    starts = [0, *grids.prod(-1).cumsum(0).tolist()]
+    for i in range(len(owners)):
+        for j in range(i + 1, len(owners)):
+            if owners[i] != owners[j] and torch.equal(grids[i], grids[j]):
+                pixels = batch["pixel_values"].clone()
+                first = slice(starts[i], starts[i + 1])
+                second = slice(starts[j], starts[j + 1])
+                pixels[first], pixels[second] = batch["pixel_values"][second], pixels[first]
+                return {**batch, "pixel_values": pixels}
+    raise AssertionError("the misroute batch has no two equal-grid images of different samples")
+
+
+# --- one case ----------------------------------------------------------------------------
+
+
+def _max_diff(
+    named: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor | None], grads: bool
+) -> tuple[float, str, float]:
+    """Largest |pipeline - reference| over ``named`` (gradients, or the values), the worst
+    parameter's name and the largest reference magnitude (None gradients count as zeros)."""
+    worst, worst_name, scale = 0.0, "", 0.0
+    for name, param in named.items():
+        ref = reference[name]
+        mine = param.grad if grads else param.detach()
+        if ref is None and mine is None:
+            continue
+        ref = torch.zeros_like(param) if ref is None else ref
+        mine = torch.zeros_like(param) if mine is None else mine
+        diff = (mine - ref).abs().max().item()
+        scale = max(scale, ref.abs().max().item())
+        if diff >= worst:
+            worst, worst_name = diff, name
+    return worst, worst_name, scale
+
+
+def _tied_copies(pipe: Any) -> dict[str, Any]:
+    """Whether this rank's embedding copy and the LM head copy are equal, bit for bit: the
+    same Parameter when both stages are local, else compared through an all_gather."""
+    named = pipe.named_parameters()
+    if pipe.tied.active:
+        mine = (named[EMBED] if pipe.has_first_stage else named[HEAD]).detach().contiguous()
+        gathered = [torch.empty_like(mine) for _ in range(WORLD_SIZE)]
+        dist.all_gather(gathered, mine, group=pipe.tied.group)
+        return {"copies_equal": torch.equal(gathered[0], gathered[1]), "shared": False}
+    if EMBED in named and HEAD in named:
+        return {"copies_equal": named[EMBED] is named[HEAD], "shared": named[EMBED] is named[HEAD]}
+    return {}
+
+
+def _snapshot(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: value.clone() for name, value in batch.items()}
+
+
+def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
+    """Build, step and compare; the per-rank result of ``case``."""
+    import transformers
+
+    from pp_media._cli.tiny_models import tiny_config
+    from pp_media._hf.pipeline import build_vlm_pipeline
+
+    config = tiny_config(case.model_type, tie_word_embeddings=case.tied)
+    torch.manual_seed(MODEL_SEED)
+    if case.checkpoint:
+        path = Path(workdir, case.key.replace("/", "_"))
+        if rank == 0:
+            transformers.AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+        dist.barrier()
+        reference = transformers.AutoModelForImageTextToText.from_pretrained(path)
+        source: Any = str(path)
+    else:
+        source = transformers.AutoModelForImageTextToText.from_config(config)
+        source.train()
+        reference = copy.deepcopy(source)
+    reference.train()
+    pipe = build_vlm_pipeline(
+        source,
+        schedule=case.schedule,
+        n_microbatches=N_MICROBATCHES,
+        layers_per_stage=case.layers_per_stage,
+        device="cpu",
+    )
+
+    full = dict(reference.named_parameters(remove_duplicate=False))
+    named = pipe.named_parameters()
+    result: dict[str, Any] = {
+        "case": asdict(case),
+        "stages": [stage.stage_index for stage in pipe.stages],
+        "has_last_stage": pipe.has_last_stage,
+        "names": sorted(named),
+        "full_names": sorted(full),
+        "local_numel": sum(p.numel() for p in pipe.parameters()),
+        "full_numel": sum(p.numel() for p in reference.parameters()),
+        "tied_active": pipe.tied.active,
+        "reference_tied": reference.get_output_embeddings().weight
+        is reference.get_input_embeddings().weight,
+        "steps": [],
+    }
+    sgd = case.sgd_steps > 0
+    if sgd:
+        ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+        optimizer = torch.optim.SGD(pipe.parameters(), lr=0.5)
+    for step in range(max(case.sgd_steps, 1)):
+        batch = make_batch(config, case, case.seed + step)
+        result["batch_keys"] = sorted(batch)
+        result["media_shapes"] = {
+            name: list(value.shape) for name, value in batch.items() if "pixel" in name
+        }
+        result["placeholders"] = {
+            kind: (batch["input_ids"] == getattr(config, f"{kind}_token_id")).sum(1).tolist()
+            for kind in ("image", "video")
+            if getattr(config, f"{kind}_token_id", None) is not None
+        }
+        ref_loss = reference(**batch).loss
+        ref_loss.backward()
+        ref_grads = {name: p.grad for name, p in full.items()}
+
+        pipe_batch = dict(batch)
+        if case.drop_mm_token_type_ids:
+            del pipe_batch["mm_token_type_ids"]
+        if case.misroute:
+            pipe_batch = misrouted(pipe_batch, config)
+        before = _snapshot(pipe_batch)
+        loss = pipe.step(pipe_batch)
+        record: dict[str, Any] = {
+            "batch_unchanged": sorted(pipe_batch) == sorted(before)
+            and all(torch.equal(pipe_batch[k], v) for k, v in before.items()),
+        }
+        grad_err, grad_worst, grad_scale = _max_diff(named, ref_grads, grads=True)
+        record.update(grad_err=grad_err, grad_worst=grad_worst, grad_scale=grad_scale)
+        record["missing_grads"] = sorted(
+            name
+            for name, p in named.items()
+            if p.grad is None and ref_grads[name] is not None and bool(ref_grads[name].any())
+        )
+        if loss is not None:
+            record.update(loss=loss.item(), ref_loss=ref_loss.item())
+        if sgd:
+            ref_optimizer.step()
+            optimizer.step()
+            ref_values = {name: p.detach() for name, p in full.items()}
+            record["param_err"], record["param_worst"], _ = _max_diff(named, ref_values, False)
+            ref_optimizer.zero_grad()
+            optimizer.zero_grad()
+        if case.tied:
+            record.update(_tied_copies(pipe))
+        result["steps"].append(record)
+    return result
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    """Entry point of one rank (``torch.multiprocessing`` spawn): every case, in order."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
+    results: dict[str, Any] = {}
+    out = Path(out_dir, f"rank{rank}.json")
+    try:
+        for case in cases():
+            started = time.perf_counter()
+            try:
+                results[case.key] = run_case(rank, case, out_dir)
+            except Exception:
+                results[case.key] = {"error": traceback.format_exc()}
+                break  # the peer may now wait in send/recv; stop both ranks here
+            results[case.key]["seconds"] = time.perf_counter() - started
+            out.write_text(json.dumps(results))
+            dist.barrier()
+    finally:
+        out.write_text(json.dumps(results))
+        dist.destroy_process_group()
