@@ -122,6 +122,11 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
         raise DemoError(str(error).removeprefix("pp_media: ")) from None
     if args.videos and len(adapter.media) < 2:
         raise DemoError(f"--videos: {config.model_type} takes no videos")
+    if args.videos and not adapter.mixes_images_and_videos:
+        raise DemoError(
+            f"--videos: {config.model_type} cannot take images and videos in one forward "
+            "(a limit of the unsplit model in transformers), and the demo's batches mix them"
+        )
     if not model_dir.is_dir():
         torch.manual_seed(args.seed)
         import transformers

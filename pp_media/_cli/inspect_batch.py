@@ -90,10 +90,15 @@ def best_fit_counts(placeholders: Sequence[int], tokens: Sequence[int]) -> list[
 
 
 def _derive_counts(
-    work: dict[str, Any], adapter: FamilyAdapter, config: Any, notes: list[str]
+    work: dict[str, Any],
+    adapter: FamilyAdapter,
+    config: Any,
+    notes: list[str],
+    refusals: list[ValueError],
 ) -> dict[str, str]:
     """Fill in missing per-sample item counts as ``prepare_step_inputs`` does; where the
-    placeholders are not whole items, assign items by best fit and add a note."""
+    placeholders are not whole items, keep the refusal, assign items by best fit and add a
+    note. Returns how each kind's counts were found."""
     sources: dict[str, str] = {}
     input_ids = work["input_ids"]
     for kind in adapter.media:
@@ -106,7 +111,8 @@ def _derive_counts(
             sources[kind.name] = f"from placeholder tokens (id {token_id})"
             try:
                 work[kind.count_field] = _items_per_sample(work, adapter, config, kind)
-            except ValueError:
+            except ValueError as refusal:
+                refusals.append(refusal)
                 tokens = adapter.tokens_per_item(config, kind, work)
                 if tokens.dim() != 1:
                     raise
@@ -137,10 +143,16 @@ def inspect_batch(
     check_microbatches(batch_size, n_microbatches)
     work: dict[str, Any] = dict(batch)
     notes: list[str] = []
+    refusals: list[ValueError] = []
     try:
-        sources = _derive_counts(work, adapter, config, notes)
+        sources = _derive_counts(work, adapter, config, notes, refusals)
         if any(work.get(kind.pixel_field) is not None for kind in adapter.media):
-            prepare_vlm_media_for_pp(work, batch_size, n_microbatches)
+            try:
+                prepare_vlm_media_for_pp(work, batch_size, n_microbatches)
+            except ValueError:
+                if refusals:  # best-fit counts cannot split it either: the step's own error
+                    raise refusals[0] from None
+                raise
         media: dict[str, list[torch.Tensor]] = work.pop(VLM_PP_MEDIA_KEY, {})
         checks = list(placeholder_checks(input_ids, media, adapter, config, n_microbatches))
     except KeyError as error:
@@ -296,19 +308,19 @@ def load_batch(path: str) -> dict[str, torch.Tensor]:
         batch = torch.load(file, weights_only=True, map_location="cpu")
     except Exception as error:  # pickle, zip and weights-only refusals alike
         raise InspectError(
-            f"{path} is not a dict of tensors saved with torch.save (torch.load: "
+            f"{path} is not a dict of tensors saved with torch.save (torch.load failed: "
             f"{type(error).__name__}: {_first_line(error)[:160]})"
         ) from None
     if not isinstance(batch, dict):
         raise InspectError(
-            f"{path} is not a dict of tensors saved with torch.save (it holds a "
+            f"{path} is not a dict of tensors saved with torch.save (it holds a value of type "
             f"{type(batch).__name__})"
         )
     for key, value in batch.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise InspectError(
                 f"{path} is not a dict of tensors saved with torch.save (key {key!r} holds a "
-                f"{type(value).__name__})"
+                f"value of type {type(value).__name__})"
             )
     return batch
 

@@ -27,6 +27,15 @@ def _image(generator: torch.Generator, height: int, width: int) -> Any:
     return Image.fromarray(pixels.numpy())
 
 
+def _separators(config: Any) -> tuple[int | None, int | None]:
+    """The tokens around a placeholder run (Qwen: vision start/end; GLM-4V: image start/end)."""
+    for prefix in ("vision", "image"):
+        start = getattr(config, f"{prefix}_start_token_id", None)
+        if start is not None:
+            return start, getattr(config, f"{prefix}_end_token_id", None)
+    return None, None
+
+
 def _videos(config: Any, generator: torch.Generator, n_videos: int) -> dict[str, torch.Tensor]:
     vision = config.vision_config
     patch, temporal = vision.patch_size, vision.temporal_patch_size
@@ -80,8 +89,7 @@ def synthetic_batch(
     video_tokens: list[int] = []
     if int(video_counts.sum()):
         video_tokens = adapter.tokens_per_item(config, adapter.media[1], batch).tolist()
-    start = getattr(config, "vision_start_token_id", None)
-    end = getattr(config, "vision_end_token_id", None)
+    start, end = _separators(config)
 
     def placeholder_run(token: int, n_tokens: int) -> list[int]:
         run = [token] * n_tokens
@@ -131,7 +139,7 @@ def default_seq_len(config: Any, *, max_images: int = 3, videos: bool = False) -
         images=[_image(generator, h, w) for h, w in IMAGE_SIZES], return_tensors="pt"
     )
     per_image = int(adapter.tokens_per_item(config, adapter.media[0], media).max())
-    separators = 2 if getattr(config, "vision_start_token_id", None) is not None else 0
+    separators = 2 if _separators(config)[0] is not None else 0
     longest = 3 + max_images * (per_image + separators + 2) + 11
     if videos:
         vision = config.vision_config

@@ -34,7 +34,7 @@ LLAVA_IMAGE_SIZE = 56
 
 
 def tiny_model_types() -> tuple[str, ...]:
-    return ("qwen2_vl", "qwen2_5_vl", "llava")
+    return ("qwen2_vl", "qwen2_5_vl", "glm4v", "llava", "mistral3")
 
 
 def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bool = False) -> Any:
@@ -61,6 +61,33 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
             "fullatt_block_indexes": [1],
         }
         return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+    if model_type == "glm4v":
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [1, 1, 2],
+            "partial_rotary_factor": 0.5,
+        }
+        vision = {
+            "depth": 2,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "intermediate_size": 64,
+            "image_size": 56,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        }
+        return transformers.Glm4vConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=IMAGE_TOKEN,
+            video_token_id=VIDEO_TOKEN,
+            image_start_token_id=VISION_START,
+            image_end_token_id=VISION_END,
+            tie_word_embeddings=tie_word_embeddings,
+        )
     if model_type == "llava":
         vision = {
             "model_type": "clip_vision_model",
@@ -74,6 +101,24 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
         return transformers.LlavaConfig(
             vision_config=vision, text_config={**text, "model_type": "llama"}, **tokens
         )
+    if model_type == "mistral3":
+        vision = {
+            "model_type": "pixtral",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 112,
+            "patch_size": 14,
+            "head_dim": 16,
+        }
+        return transformers.Mistral3Config(
+            vision_config=vision,
+            text_config={**text, "model_type": "mistral", "head_dim": 16},
+            spatial_merge_size=2,
+            projector_hidden_act="gelu",
+            **tokens,
+        )
     raise ValueError(
         f"pp_media: no tiny config for model_type {model_type!r}; choose one of "
         f"{', '.join(tiny_model_types())}, or pass a checkpoint directory."
@@ -84,8 +129,9 @@ def image_processor(config: Any) -> Any:
     """The family's real image processor, built offline (PIL backend; no torchvision here)."""
     import transformers
 
-    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
-        return _pil_class(transformers, "Qwen2VLImageProcessor")(
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl", "glm4v"):
+        name = "Glm4vImageProcessor" if config.model_type == "glm4v" else "Qwen2VLImageProcessor"
+        return _pil_class(transformers, name)(
             patch_size=config.vision_config.patch_size,
             merge_size=config.vision_config.spatial_merge_size,
             temporal_patch_size=config.vision_config.temporal_patch_size,
@@ -94,6 +140,12 @@ def image_processor(config: Any) -> Any:
         size = config.vision_config.image_size
         return _pil_class(transformers, "CLIPImageProcessor")(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+    if config.model_type == "mistral3":
+        vision = config.vision_config
+        return _pil_class(transformers, "PixtralImageProcessor")(
+            patch_size=vision.patch_size * config.spatial_merge_size,
+            size={"longest_edge": vision.image_size},
         )
     raise ValueError(f"pp_media: no image processor known for model_type {config.model_type!r}.")
 

@@ -7,7 +7,7 @@ others waiting in send/recv).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,17 +51,47 @@ def _items_per_sample(
     )
 
 
-def check_placeholders(
+@dataclass(frozen=True)
+class PlaceholderCheck:
+    """One sample's placeholder tokens of one media kind against the features its media give."""
+
+    microbatch: int
+    #: Index of the sample in the whole batch.
+    sample: int
+    #: The media kind's name: "image", "video".
+    kind: str
+    token_id: int
+    #: Placeholder tokens of this kind in the sample's ``input_ids`` row.
+    placeholders: int
+    #: Features the sample's items of this kind will produce.
+    features: int
+
+    @property
+    def ok(self) -> bool:
+        return self.placeholders == self.features
+
+    def message(self) -> str:
+        """The error ``check_placeholders`` raises for this sample."""
+        return (
+            f"pp_media: microbatch {self.microbatch}, sample {self.sample} of the batch: "
+            f"{self.placeholders} {self.kind} placeholder tokens (id {self.token_id}) in "
+            f"input_ids, but its {self.kind}s give {self.features} features. Check that the "
+            f"processor's {self.kind} token expansion matches the model config."
+        )
+
+
+def placeholder_checks(
     input_ids: torch.Tensor,
     media: Mapping[str, list[torch.Tensor]],
     adapter: FamilyAdapter,
     config: Any,
     n_microbatches: int,
-) -> None:
-    """Each sample's placeholder tokens equal the features its media will produce.
+) -> Iterator[PlaceholderCheck]:
+    """Every sample's placeholder tokens against its media's features, per kind.
 
-    Checked per microbatch on the prepared chunks, before any vision tower runs; a mismatch
-    names the microbatch, the sample, the token count and the feature count.
+    Yields one ``PlaceholderCheck`` per media kind, microbatch and sample (in that nesting
+    order), computed on the prepared per-microbatch chunks; lazily, so that a caller may stop
+    at the first mismatch.
     """
     bounds = sample_bounds(input_ids.shape[0], n_microbatches)
     for kind in adapter.media:
@@ -80,13 +110,24 @@ def check_placeholders(
                 offsets = [sum(items[:i]) for i in range(len(items) + 1)]
                 per_sample = [sum(tokens[offsets[i] : offsets[i + 1]]) for i in range(len(items))]
             for i, (found, expected) in enumerate(zip(placeholders, per_sample, strict=True)):
-                if found != expected:
-                    raise ValueError(
-                        f"pp_media: microbatch {k}, sample {start + i} of the batch: {found} "
-                        f"{kind.name} placeholder tokens (id {token_id}) in input_ids, but its "
-                        f"{kind.name}s give {expected} features. Check that the processor's "
-                        f"{kind.name} token expansion matches the model config."
-                    )
+                yield PlaceholderCheck(k, start + i, kind.name, token_id, found, expected)
+
+
+def check_placeholders(
+    input_ids: torch.Tensor,
+    media: Mapping[str, list[torch.Tensor]],
+    adapter: FamilyAdapter,
+    config: Any,
+    n_microbatches: int,
+) -> None:
+    """Each sample's placeholder tokens equal the features its media will produce.
+
+    Checked per microbatch on the prepared chunks, before any vision tower runs; a mismatch
+    names the microbatch, the sample, the token count and the feature count.
+    """
+    for check in placeholder_checks(input_ids, media, adapter, config, n_microbatches):
+        if not check.ok:
+            raise ValueError(check.message())
 
 
 def prepare_step_inputs(

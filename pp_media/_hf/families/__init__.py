@@ -6,7 +6,8 @@ from typing import Any
 
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
 from pp_media._hf.families.llava import LlavaAdapter
-from pp_media._hf.families.qwen_vl import QwenVLAdapter
+from pp_media._hf.families.mistral3 import Mistral3Adapter
+from pp_media._hf.families.qwen_vl import Glm4vAdapter, QwenVLAdapter
 
 _ADAPTERS: dict[str, FamilyAdapter] = {}
 
@@ -18,7 +19,7 @@ def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
     return adapter
 
 
-for _adapter in (QwenVLAdapter(), LlavaAdapter()):
+for _adapter in (QwenVLAdapter(), Glm4vAdapter(), LlavaAdapter(), Mistral3Adapter()):
     register_family(_adapter)
 
 

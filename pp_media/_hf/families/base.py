@@ -50,6 +50,8 @@ class FamilyAdapter:
     media: tuple[MediaKind, ...] = ()
     #: Stage 0 computes position ids and sends them downstream with the hidden states.
     sends_position_ids: bool = False
+    #: Whether the unsplit model accepts images and videos in one forward.
+    mixes_images_and_videos: bool = True
 
     def token_id(self, config: Any, kind: MediaKind) -> int:
         return int(getattr(config, kind.token_id_attr))

@@ -1,4 +1,4 @@
-"""Qwen2-VL and Qwen2.5-VL: flat patches with one ``[t, h, w]`` grid row per item, M-RoPE."""
+"""Qwen2-VL, Qwen2.5-VL and GLM-4V: flat patches, one ``[t, h, w]`` grid row per item, M-RoPE."""
 
 from __future__ import annotations
 
@@ -65,3 +65,12 @@ class QwenVLAdapter(FamilyAdapter):
             input_ids, mm_token_type_ids, attention_mask=attention_mask, **grids
         )
         return position_ids
+
+
+class Glm4vAdapter(QwenVLAdapter):
+    """GLM-4V: Qwen-VL's layout and placeholder rule with its own ``get_rope_index``. Its
+    placeholder runs sit between ``image_start_token_id`` / ``image_end_token_id``. Like the
+    unsplit model in transformers, it takes images or videos in one forward, not both."""
+
+    model_types = ("glm4v",)
+    mixes_images_and_videos = False
