@@ -126,9 +126,20 @@ def synthetic_batch(
             media_tokens |= input_ids == token
     labels = input_ids.masked_fill(media_tokens | (attention_mask == 0), -100)
     batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-    if adapter.sends_position_ids:
+    if adapter.needs_mm_token_type_ids:
         batch["mm_token_type_ids"] = adapter.token_type_ids(config, input_ids)
+    if "token_type_ids" in adapter.stage_fields:
+        batch["token_type_ids"] = _token_type_ids(config, input_ids, labels)
     return batch
+
+
+def _token_type_ids(config: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """What the processors emit: Gemma3 marks image tokens 1; PaliGemma marks the suffix (the
+    tokens after the prompt that carry labels) 1 and the image-and-prompt prefix 0."""
+    if config.model_type == "paligemma":
+        has_label = labels != -100
+        return (has_label.cumsum(1) > 0).long()
+    return (input_ids == config.image_token_id).long()
 
 
 def default_seq_len(config: Any, *, max_images: int = 3, videos: bool = False) -> int:

@@ -31,10 +31,12 @@ _QWEN_VISION = {
 }
 #: LLaVA's tiny vision tower sees 56x56 images: (56 // 14)**2 = 16 placeholders per image.
 LLAVA_IMAGE_SIZE = 56
+#: Gemma3 and PaliGemma (SigLIP): 56x56 images, 16 patches, pooled to 4 tokens in Gemma3.
+SIGLIP_IMAGE_SIZE = 56
 
 
 def tiny_model_types() -> tuple[str, ...]:
-    return ("qwen2_vl", "qwen2_5_vl", "glm4v", "llava", "mistral3")
+    return ("qwen2_vl", "qwen2_5_vl", "glm4v", "llava", "mistral3", "gemma3", "paligemma")
 
 
 def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bool = False) -> Any:
@@ -101,6 +103,37 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
         return transformers.LlavaConfig(
             vision_config=vision, text_config={**text, "model_type": "llama"}, **tokens
         )
+    if model_type in ("gemma3", "paligemma"):
+        siglip = {
+            "model_type": "siglip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": SIGLIP_IMAGE_SIZE,
+            "patch_size": 14,
+        }
+        gemma = {**text, "head_dim": 16}
+        if model_type == "paligemma":
+            return transformers.PaliGemmaConfig(
+                vision_config=siglip,
+                text_config={**gemma, "model_type": "gemma"},
+                projection_dim=64,
+                **tokens,
+            )
+        gemma.update(
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
+            + ["sliding_attention"] * (num_layers % 2),
+        )
+        return transformers.Gemma3Config(
+            vision_config=siglip,
+            text_config={**gemma, "model_type": "gemma3_text"},
+            mm_tokens_per_image=4,
+            boi_token_index=VISION_START,
+            eoi_token_index=VISION_END,
+            **tokens,
+        )
     if model_type == "mistral3":
         vision = {
             "model_type": "pixtral",
@@ -141,6 +174,10 @@ def image_processor(config: Any) -> Any:
         return _pil_class(transformers, "CLIPImageProcessor")(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size}
         )
+    if config.model_type in ("gemma3", "paligemma"):
+        size = config.vision_config.image_size
+        name = "Gemma3ImageProcessor" if config.model_type == "gemma3" else "SiglipImageProcessor"
+        return _pil_class(transformers, name)(size={"height": size, "width": size})
     if config.model_type == "mistral3":
         vision = config.vision_config
         return _pil_class(transformers, "PixtralImageProcessor")(

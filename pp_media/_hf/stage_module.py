@@ -59,8 +59,15 @@ class VLMStage(nn.Module):
     def _embed(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
         adapter = self.adapter
         base = self.get_submodule(adapter.base_model_path)
-        text = self.get_submodule(adapter.text_model_path)
-        hidden = text.embed_tokens(input_ids)
+        embed_tokens = self.get_submodule(adapter.text_model_path).embed_tokens
+        token_ids = input_ids
+        for kind in adapter.media:
+            token_id = adapter.token_id(self.config, kind)
+            if token_id >= embed_tokens.num_embeddings:
+                # Out-of-vocabulary placeholders (Gemma, PaliGemma): their rows are overwritten
+                # by features below, so any in-range id gives the same values and gradients.
+                token_ids = token_ids.masked_fill(token_ids == token_id, 0)
+        hidden = embed_tokens(token_ids)
         for kind in adapter.media:
             if media.get(kind.pixel_field) is None:
                 continue
@@ -74,28 +81,34 @@ class VLMStage(nn.Module):
         *inputs: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
-        **media: torch.Tensor,
+        **kwargs: torch.Tensor,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Stage 0: ``(input_ids,)`` plus its microbatch's media as keyword arguments; later
+        stages: what the previous stage returned. Every stage also gets its microbatch's
+        ``attention_mask`` and the family's ``stage_fields``."""
         adapter = self.adapter
+        fields = {name: kwargs.pop(name) for name in adapter.stage_fields if name in kwargs}
         position_ids: torch.Tensor | None = None
         if self.is_first:
             (input_ids,) = inputs
-            hidden = self._embed(input_ids, media)
+            hidden = self._embed(input_ids, kwargs)
             if adapter.sends_position_ids:
                 base = self.get_submodule(adapter.base_model_path)
                 position_ids = adapter.position_ids(
-                    base, input_ids, attention_mask, mm_token_type_ids, media
+                    base, input_ids, attention_mask, mm_token_type_ids, kwargs
                 )
         else:
             hidden, *rest = inputs
             position_ids = rest[0] if rest else None
         text = self.get_submodule(adapter.text_model_path)
+        mask = adapter.layer_mask(self.config, hidden, attention_mask, position_ids, fields)
         hidden = text(
             inputs_embeds=hidden,
-            attention_mask=attention_mask,
+            attention_mask=mask,
             position_ids=position_ids,
             use_cache=False,
         ).last_hidden_state
         if self.is_last:
-            return self.get_submodule(adapter.head_path)(hidden)
+            logits = self.get_submodule(adapter.head_path)(hidden)
+            return adapter.final_logits(self.config, logits)
         return hidden if position_ids is None else (hidden, position_ids)

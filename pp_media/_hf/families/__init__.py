@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
+from pp_media._hf.families.gemma import Gemma3Adapter, PaliGemmaAdapter
 from pp_media._hf.families.llava import LlavaAdapter
 from pp_media._hf.families.mistral3 import Mistral3Adapter
 from pp_media._hf.families.qwen_vl import Glm4vAdapter, QwenVLAdapter
@@ -19,7 +20,14 @@ def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
     return adapter
 
 
-for _adapter in (QwenVLAdapter(), Glm4vAdapter(), LlavaAdapter(), Mistral3Adapter()):
+for _adapter in (
+    QwenVLAdapter(),
+    Glm4vAdapter(),
+    LlavaAdapter(),
+    Mistral3Adapter(),
+    Gemma3Adapter(),
+    PaliGemmaAdapter(),
+):
     register_family(_adapter)
 
 

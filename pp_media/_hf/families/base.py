@@ -50,8 +50,13 @@ class FamilyAdapter:
     media: tuple[MediaKind, ...] = ()
     #: Stage 0 computes position ids and sends them downstream with the hidden states.
     sends_position_ids: bool = False
+    #: Stage 0 needs ``mm_token_type_ids`` (Qwen-VL's M-RoPE); derived when the batch lacks it.
+    needs_mm_token_type_ids: bool = False
     #: Whether the unsplit model accepts images and videos in one forward.
     mixes_images_and_videos: bool = True
+    #: Per-sample batch fields that every stage receives for its own microbatch (split by the
+    #: engine as step keyword arguments), besides ``attention_mask``.
+    stage_fields: tuple[str, ...] = ()
 
     def token_id(self, config: Any, kind: MediaKind) -> int:
         return int(getattr(config, kind.token_id_attr))
@@ -85,6 +90,23 @@ class FamilyAdapter:
     ) -> torch.Tensor | None:
         """Position ids stage 0 sends downstream (only when ``sends_position_ids``)."""
         return None
+
+    def layer_mask(
+        self,
+        config: Any,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        fields: Mapping[str, torch.Tensor],
+    ) -> Any:
+        """What the text model gets as ``attention_mask`` on every stage: the 2-D mask itself
+        (the text model builds its causal masks), or masks built as the family's base model
+        builds them (a dict per layer type), from ``stage_fields`` such as ``token_type_ids``."""
+        return attention_mask
+
+    def final_logits(self, config: Any, logits: torch.Tensor) -> torch.Tensor:
+        """The LM head's output as the family's ``forward`` returns it (e.g. soft-capped)."""
+        return logits
 
     def token_type_ids(self, config: Any, input_ids: torch.Tensor) -> torch.Tensor:
         """``mm_token_type_ids`` from the placeholders, for collates that do not emit them."""

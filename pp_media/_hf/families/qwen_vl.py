@@ -41,6 +41,7 @@ class QwenVLAdapter(FamilyAdapter):
     vision_paths = ("model.visual",)
     media = (IMAGES, VIDEOS)
     sends_position_ids = True
+    needs_mm_token_type_ids = True
 
     def tokens_per_item(
         self, config: Any, kind: MediaKind, media: Mapping[str, torch.Tensor]
