@@ -26,6 +26,9 @@ from pp_media._hf.families import FamilyAdapter, adapter_for
 from pp_media._keys import VLM_PP_MEDIA_KEY
 
 PROG = "pp-media inspect"
+#: Largest samples x items**2 that ``best_fit_counts`` takes on (about a second); beyond it
+#: a batch whose placeholders are not whole items gets the step's own error instead.
+BEST_FIT_SIZE = 2**24
 
 
 class InspectError(Exception):
@@ -76,13 +79,14 @@ def best_fit_counts(placeholders: Sequence[int], tokens: Sequence[int]) -> list[
     weight = int(prefix[-1]) + sum(placeholders) + 1
     cost = torch.full_like(prefix, weight * (len(placeholders) + 1))
     cost[0] = 0
-    steps = []
+    steps: list[list[int]] = []
     for wanted in placeholders:
         difference = (given - wanted).abs()
         total = cost.view(-1, 1) + difference + weight * (difference != 0)
         cost, came_from = total.masked_fill(impossible, torch.iinfo(torch.int64).max).min(dim=0)
         steps.append(came_from.tolist())
-    counts, end = [], len(tokens)
+    counts: list[int] = []
+    end = len(tokens)
     for came_from in reversed(steps):
         counts.append(end - came_from[end])
         end = came_from[end]
@@ -114,7 +118,8 @@ def _derive_counts(
             except ValueError as refusal:
                 refusals.append(refusal)
                 tokens = adapter.tokens_per_item(config, kind, work)
-                if tokens.dim() != 1:
+                size = input_ids.shape[0] * (tokens.numel() + 1) ** 2
+                if tokens.dim() != 1 or size > BEST_FIT_SIZE:
                     raise
                 placeholders = (input_ids == token_id).sum(dim=1).tolist()
                 work[kind.count_field] = torch.tensor(
@@ -165,7 +170,10 @@ def inspect_batch(
     rows = []
     for k in range(n_microbatches):
         own = [check for check in checks if check.microbatch == k]
-        items, patches, placeholders, features = {}, {}, {}, {}
+        items: dict[str, int] = {}
+        patches: dict[str, int] = {}
+        placeholders: dict[str, int] = {}
+        features: dict[str, int] = {}
         for kind in adapter.media:
             chunks, counts = media.get(kind.pixel_field), media.get(kind.count_field)
             patches[kind.name] = 0 if chunks is None else chunks[k].shape[0]
