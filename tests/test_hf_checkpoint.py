@@ -158,7 +158,15 @@ def _rank_stages(
         for s in range(layout.n_stages)
     ]
     stages = [
-        VLMStage(views[s], adapter, skeleton.config, s, layout.n_stages, layout.layers[s])
+        VLMStage(
+            views[s],
+            adapter,
+            skeleton.config,
+            s,
+            layout.n_stages,
+            layout.layers[s],
+            layout.first_layer(s),
+        )
         for s in layout.stages_of(rank)
     ]
     if load:

@@ -36,6 +36,13 @@ def _separators(config: Any) -> tuple[int | None, int | None]:
     return None, None
 
 
+def _grid_side(pixels: int, vision: Any) -> int:
+    """Patches along one side of a video frame: a whole number of merge windows, as the video
+    processor resizes to."""
+    merge = vision.spatial_merge_size
+    return max(merge, pixels // vision.patch_size // merge * merge)
+
+
 def _videos(config: Any, generator: torch.Generator, n_videos: int) -> dict[str, torch.Tensor]:
     vision = config.vision_config
     patch, temporal = vision.patch_size, vision.temporal_patch_size
@@ -43,7 +50,7 @@ def _videos(config: Any, generator: torch.Generator, n_videos: int) -> dict[str,
     for _ in range(n_videos):
         frames = temporal * int(torch.randint(1, 3, (1,), generator=generator))
         height, width = IMAGE_SIZES[int(torch.randint(len(IMAGE_SIZES), (1,), generator=generator))]
-        grids.append([frames // temporal, height // patch, width // patch])
+        grids.append([frames // temporal, _grid_side(height, vision), _grid_side(width, vision)])
     grid = torch.tensor(grids, dtype=torch.int64).reshape(-1, 3)
     rows = int(grid.prod(-1).sum())
     pixels = torch.randn(rows, vision.in_channels * temporal * patch * patch, generator=generator)
@@ -86,9 +93,10 @@ def synthetic_batch(
 
     image_kind = adapter.media[0]
     image_tokens = adapter.tokens_per_item(config, image_kind, batch).tolist() if flat else []
-    video_tokens: list[int] = []
+    video_tokens: list[tuple[int, int]] = []
     if int(video_counts.sum()):
-        video_tokens = adapter.tokens_per_item(config, adapter.media[1], batch).tolist()
+        tokens = adapter.tokens_per_item(config, adapter.media[1], batch).tolist()
+        video_tokens = list(zip(batch["video_grid_thw"][:, 0].tolist(), tokens, strict=True))
     start, end = _separators(config)
 
     def placeholder_run(token: int, n_tokens: int) -> list[int]:
@@ -103,7 +111,16 @@ def synthetic_batch(
             row += placeholder_run(adapter.token_id(config, image_kind), next(image_iter))
             row += torch.randint(10, 900, (2,), generator=generator).tolist()
         for _ in range(int(video_counts[i])):
-            row += placeholder_run(adapter.token_id(config, adapter.media[1]), next(video_iter))
+            video_token, (frames, n_tokens) = (
+                adapter.token_id(config, adapter.media[1]),
+                next(video_iter),
+            )
+            if not adapter.video_frames_separately:
+                row += placeholder_run(video_token, n_tokens)
+                continue
+            for _ in range(frames):  # a timestamp token before each frame's own run
+                row += [*torch.randint(10, 900, (1,), generator=generator).tolist()]
+                row += placeholder_run(video_token, n_tokens // frames)
         text_len = int(torch.randint(4, 12, (1,), generator=generator))
         row += torch.randint(10, 900, (text_len,), generator=generator).tolist()
         if len(row) > seq_len:
@@ -155,8 +172,8 @@ def default_seq_len(config: Any, *, max_images: int = 3, videos: bool = False) -
     if videos:
         vision = config.vision_config
         grid = torch.tensor(
-            [[2, h // vision.patch_size, w // vision.patch_size] for h, w in IMAGE_SIZES]
+            [[2, _grid_side(h, vision), _grid_side(w, vision)] for h, w in IMAGE_SIZES]
         )
         per_video = adapter.tokens_per_item(config, adapter.media[1], {"video_grid_thw": grid})
-        longest += int(per_video.max()) + separators
+        longest += int(per_video.max()) + 2 * (separators + 1)
     return -(-longest // 16) * 16

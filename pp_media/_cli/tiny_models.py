@@ -36,7 +36,16 @@ SIGLIP_IMAGE_SIZE = 56
 
 
 def tiny_model_types() -> tuple[str, ...]:
-    return ("qwen2_vl", "qwen2_5_vl", "glm4v", "llava", "mistral3", "gemma3", "paligemma")
+    return (
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "qwen3_vl",
+        "glm4v",
+        "llava",
+        "mistral3",
+        "gemma3",
+        "paligemma",
+    )
 
 
 def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bool = False) -> Any:
@@ -45,7 +54,7 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
 
     text = {**_TEXT, "num_hidden_layers": num_layers, "tie_word_embeddings": tie_word_embeddings}
     tokens = {"image_token_id": IMAGE_TOKEN, "tie_word_embeddings": tie_word_embeddings}
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
         tokens.update(
             video_token_id=VIDEO_TOKEN,
@@ -55,6 +64,28 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
         if model_type == "qwen2_vl":
             vision = {**_QWEN_VISION, "embed_dim": 32, "mlp_ratio": 2}
             return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+        if model_type == "qwen3_vl":
+            vision = {
+                **_QWEN_VISION,
+                "depth": 3,
+                "patch_size": 16,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "out_hidden_size": 64,
+                "num_position_embeddings": 64,
+                "deepstack_visual_indexes": [0, 1, 2],
+            }
+            del text["rope_scaling"]
+            text.update(
+                head_dim=16,
+                rope_parameters={
+                    "rope_type": "default",
+                    "rope_theta": 10000.0,
+                    "mrope_section": [2, 3, 3],
+                    "mrope_interleaved": True,
+                },
+            )
+            return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
         vision = {
             **_QWEN_VISION,
             "intermediate_size": 64,
@@ -162,7 +193,7 @@ def image_processor(config: Any) -> Any:
     """The family's real image processor, built offline (PIL backend; no torchvision here)."""
     import transformers
 
-    if config.model_type in ("qwen2_vl", "qwen2_5_vl", "glm4v"):
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"):
         name = "Glm4vImageProcessor" if config.model_type == "glm4v" else "Qwen2VLImageProcessor"
         return _pil_class(transformers, name)(
             patch_size=config.vision_config.patch_size,

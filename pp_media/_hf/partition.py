@@ -49,6 +49,10 @@ class StageLayout:
             return self.n_stages - 1 - stage
         return stage % self.pp_size
 
+    def first_layer(self, stage: int) -> int:
+        """Global index of stage ``stage``'s first decoder layer (or where it would be)."""
+        return sum(len(layers) for layers in self.layers[:stage])
+
     def stages_of(self, rank: int) -> tuple[int, ...]:
         return tuple(s for s in range(self.n_stages) if self.rank_of(s) == rank)
 

@@ -201,7 +201,16 @@ def build_vlm_pipeline(
     check_partition(source, all_views, tied)
     local = layout.stages_of(pp_rank)
     stages = [
-        VLMStage(all_views[s], adapter, config, s, layout.n_stages, layout.layers[s]) for s in local
+        VLMStage(
+            all_views[s],
+            adapter,
+            config,
+            s,
+            layout.n_stages,
+            layout.layers[s],
+            layout.first_layer(s),
+        )
+        for s in local
     ]
     if checkpoint is not None:
         from pp_media._hf.checkpoint import load_stage_weights

@@ -5,8 +5,10 @@ keyword arguments, routed by ``step_with_media``), scatters the features into th
 positions and computes position ids. Every stage then runs its decoder layers through the
 family's own text-model forward (same masks, rotary embedding and layer calls as the unsplit
 model), and the last stage applies the final norm and the LM head. Between stages travel the
-hidden states ``[b, T, H]`` and, for M-RoPE families, the position ids: dense tensors of the
-same shape in every microbatch, as torch's receive buffers require.
+hidden states ``[b, T, H]``, for M-RoPE families the position ids, and for families whose
+leading decoder layers add media features (Qwen3-VL's deepstack) a media-position mask and one
+dense ``[b, T, H]`` feature tensor per such layer that a later stage still runs: dense tensors of
+the same shape in every microbatch, as torch's receive buffers require.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class VLMStage(nn.Module):
         stage_index: int,
         n_stages: int,
         layers: tuple[int, ...],
+        first_layer: int,
     ) -> None:
         super().__init__()
         for name, module in pruned.named_children():
@@ -39,6 +42,9 @@ class VLMStage(nn.Module):
         self.stage_index = stage_index
         self.n_stages = n_stages
         self.layer_indices = layers
+        #: Global index of this stage's first decoder layer (where it would be, if it has none).
+        self.first_layer = first_layer
+        self.layer_feature_count = adapter.layer_feature_count(config)
 
     @property
     def is_first(self) -> bool:
@@ -56,7 +62,15 @@ class VLMStage(nn.Module):
         )
         return f"stage {self.stage_index} of {self.n_stages}, {held}"
 
-    def _embed(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _carried_from(self, first_layer: int) -> int:
+        """How many per-layer feature tensors a stage starting at ``first_layer`` needs."""
+        return max(0, self.layer_feature_count - first_layer)
+
+    def _embed(
+        self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Token embeddings with the media features in place; the media-position mask and the
+        dense per-layer features (zero off the media positions)."""
         adapter = self.adapter
         base = self.get_submodule(adapter.base_model_path)
         embed_tokens = self.get_submodule(adapter.text_model_path).embed_tokens
@@ -68,13 +82,25 @@ class VLMStage(nn.Module):
                 # by features below, so any in-range id gives the same values and gradients.
                 token_ids = token_ids.masked_fill(token_ids == token_id, 0)
         hidden = embed_tokens(token_ids)
+        visual_mask = torch.zeros(input_ids.shape, dtype=torch.int64, device=input_ids.device)
+        # Leaves that require grad, so every microbatch's outputs have the same autograd shape.
+        per_layer = [
+            torch.zeros_like(hidden).requires_grad_(torch.is_grad_enabled())
+            for _ in range(self.layer_feature_count)
+        ]
         for kind in adapter.media:
             if media.get(kind.pixel_field) is None:
                 continue
-            features = adapter.features(base, kind, media).to(hidden.device, hidden.dtype)
-            placeholders = (input_ids == adapter.token_id(self.config, kind)).unsqueeze(-1)
-            hidden = hidden.masked_scatter(placeholders, features)
-        return hidden
+            features, layer_features = adapter.features(base, kind, media)
+            positions = input_ids == adapter.token_id(self.config, kind)
+            placeholders = positions.unsqueeze(-1)
+            hidden = hidden.masked_scatter(placeholders, features.to(hidden.dtype))
+            visual_mask = visual_mask | positions.long()
+            per_layer = [
+                dense.masked_scatter(placeholders, extra.to(hidden.dtype))
+                for dense, extra in zip(per_layer, layer_features, strict=True)
+            ]
+        return hidden, visual_mask, per_layer
 
     def forward(
         self,
@@ -89,9 +115,11 @@ class VLMStage(nn.Module):
         adapter = self.adapter
         fields = {name: kwargs.pop(name) for name in adapter.stage_fields if name in kwargs}
         position_ids: torch.Tensor | None = None
+        visual_mask: torch.Tensor | None = None
+        carried: list[torch.Tensor] = []
         if self.is_first:
             (input_ids,) = inputs
-            hidden = self._embed(input_ids, kwargs)
+            hidden, visual_mask, carried = self._embed(input_ids, kwargs)
             if adapter.sends_position_ids:
                 base = self.get_submodule(adapter.base_model_path)
                 position_ids = adapter.position_ids(
@@ -99,7 +127,12 @@ class VLMStage(nn.Module):
                 )
         else:
             hidden, *rest = inputs
-            position_ids = rest[0] if rest else None
+            if adapter.sends_position_ids:
+                position_ids, *rest = rest
+            if rest:
+                visual_mask, *carried = rest
+        own = carried[: len(self.layer_indices)]
+        text_kwargs = adapter.text_model_kwargs(visual_mask, own) if own else {}
         text = self.get_submodule(adapter.text_model_path)
         mask = adapter.layer_mask(self.config, hidden, attention_mask, position_ids, fields)
         hidden = text(
@@ -107,8 +140,15 @@ class VLMStage(nn.Module):
             attention_mask=mask,
             position_ids=position_ids,
             use_cache=False,
+            **text_kwargs,
         ).last_hidden_state
         if self.is_last:
             logits = self.get_submodule(adapter.head_path)(hidden)
             return adapter.final_logits(self.config, logits)
-        return hidden if position_ids is None else (hidden, position_ids)
+        outputs = [hidden]
+        if position_ids is not None:
+            outputs.append(position_ids)
+        passed_on = carried[len(self.layer_indices) :]
+        if passed_on:
+            outputs += [visual_mask, *passed_on]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)

@@ -8,7 +8,7 @@ from pp_media._hf.families.base import FamilyAdapter, MediaKind
 from pp_media._hf.families.gemma import Gemma3Adapter, PaliGemmaAdapter
 from pp_media._hf.families.llava import LlavaAdapter
 from pp_media._hf.families.mistral3 import Mistral3Adapter
-from pp_media._hf.families.qwen_vl import Glm4vAdapter, QwenVLAdapter
+from pp_media._hf.families.qwen_vl import Glm4vAdapter, Qwen3VLAdapter, QwenVLAdapter
 
 _ADAPTERS: dict[str, FamilyAdapter] = {}
 
@@ -22,6 +22,7 @@ def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
 
 for _adapter in (
     QwenVLAdapter(),
+    Qwen3VLAdapter(),
     Glm4vAdapter(),
     LlavaAdapter(),
     Mistral3Adapter(),

@@ -35,6 +35,13 @@ class MediaKind:
     token_type: int = 1
 
 
+def _flat(features: Any) -> torch.Tensor:
+    """Per-item features (a tensor, or a list of per-item tensors) as ``[tokens, hidden]``."""
+    if isinstance(features, (list, tuple)):
+        return torch.cat([item.reshape(-1, item.shape[-1]) for item in features])
+    return features.reshape(-1, features.shape[-1])
+
+
 class FamilyAdapter:
     """Defaults shared by most families; a family overrides what differs."""
 
@@ -52,6 +59,8 @@ class FamilyAdapter:
     sends_position_ids: bool = False
     #: Stage 0 needs ``mm_token_type_ids`` (Qwen-VL's M-RoPE); derived when the batch lacks it.
     needs_mm_token_type_ids: bool = False
+    #: Each video frame has its own placeholder run after a timestamp (Qwen3-VL, GLM-4V).
+    video_frames_separately: bool = False
     #: Whether the unsplit model accepts images and videos in one forward.
     mixes_images_and_videos: bool = True
     #: Per-sample batch fields that every stage receives for its own microbatch (split by the
@@ -69,16 +78,30 @@ class FamilyAdapter:
 
     def features(
         self, base_model: nn.Module, kind: MediaKind, media: Mapping[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """Features of every item of ``kind``, concatenated in item order: ``[tokens, hidden]``."""
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Features of every item of ``kind`` in item order, ``[tokens, hidden]``, and the
+        per-layer features the family adds inside the decoder (``layer_feature_count`` of
+        them, each ``[tokens, hidden]``; Qwen3-VL's deepstack)."""
         fields = {name: media[name] for name in kind.feature_fields if name in media}
         output = getattr(base_model, kind.features_method)(
             media[kind.pixel_field], **fields, return_dict=True
         )
-        pooled = output.pooler_output
-        if isinstance(pooled, (list, tuple)):
-            return torch.cat([item.reshape(-1, item.shape[-1]) for item in pooled])
-        return pooled.reshape(-1, pooled.shape[-1])
+        return _flat(output.pooler_output), [_flat(layer) for layer in self.layer_features(output)]
+
+    def layer_feature_count(self, config: Any) -> int:
+        """How many leading decoder layers add media features to their output (0: none)."""
+        return 0
+
+    def layer_features(self, output: Any) -> list[Any]:
+        """The per-layer features in a ``features_method`` output."""
+        return []
+
+    def text_model_kwargs(
+        self, visual_mask: torch.Tensor, layer_features: list[torch.Tensor]
+    ) -> dict[str, Any]:
+        """Text-model arguments that add ``layer_features[i]`` (dense ``[b, T, hidden]``, zero
+        off the media positions) after the stage's i-th decoder layer."""
+        raise NotImplementedError
 
     def position_ids(
         self,

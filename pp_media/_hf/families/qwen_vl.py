@@ -75,3 +75,29 @@ class Glm4vAdapter(QwenVLAdapter):
 
     model_types = ("glm4v",)
     mixes_images_and_videos = False
+    video_frames_separately = True
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL: Qwen-VL's layout (patch 16) plus deepstack: the vision tower's intermediate
+    features are added, at the media positions, to the outputs of the first decoder layers
+    (one per ``deepstack_visual_indexes`` entry). Stage 0 sends them on densely until the stage
+    holding the last such layer; each stage hands the text model its own layers' share."""
+
+    model_types = ("qwen3_vl",)
+    video_frames_separately = True
+
+    def layer_feature_count(self, config: Any) -> int:
+        return len(config.vision_config.deepstack_visual_indexes)
+
+    def layer_features(self, output: Any) -> list[Any]:
+        return list(output.deepstack_features or [])
+
+    def text_model_kwargs(
+        self, visual_mask: torch.Tensor, layer_features: list[torch.Tensor]
+    ) -> dict[str, Any]:
+        positions = visual_mask.bool()
+        return {
+            "visual_pos_masks": positions,
+            "deepstack_visual_embeds": [dense[positions] for dense in layer_features],
+        }
