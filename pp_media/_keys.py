@@ -31,10 +31,10 @@ IMAGE_GRID_KEYS: tuple[str, ...] = (
 )
 
 #: Per-item fields that some processors emit beside the media (Gemma3 ``num_crops``, Gemma4
-#: ``num_soft_tokens_per_image``, Qwen2.5-VL ``second_per_grid_ts``). Their dim 0 counts images
-#: or videos, so they travel with the media; left in the batch the engine would split them by
-#: rows.
-IMAGE_ROW_KEYS: tuple[str, ...] = ("num_crops", "num_soft_tokens_per_image")
+#: ``num_soft_tokens_per_image``, Idefics3 ``pixel_attention_mask``, Qwen2.5-VL
+#: ``second_per_grid_ts``). Their dim 0 counts the pixel rows (images, or videos), so they
+#: travel with the media; left in the batch the engine would split them by rows.
+IMAGE_ROW_KEYS: tuple[str, ...] = ("num_crops", "num_soft_tokens_per_image", "pixel_attention_mask")
 VIDEO_ROW_KEYS: tuple[str, ...] = ("second_per_grid_ts",)
 
 #: Fields that belong to the image group / video group of a microbatch.

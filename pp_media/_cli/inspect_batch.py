@@ -105,6 +105,7 @@ def _derive_counts(
     note. Returns how each kind's counts were found."""
     sources: dict[str, str] = {}
     input_ids = work["input_ids"]
+    adapter.core_layout(work)
     for kind in adapter.media:
         token_id = adapter.token_id(config, kind)
         if work.get(kind.pixel_field) is None:

@@ -83,16 +83,25 @@ def synthetic_batch(
     ]
     batch: dict[str, torch.Tensor] = {}
     flat = [image for sample in images for image in sample]
+    image_kind = adapter.media[0]
     if flat:
-        batch.update(image_processor(config)(images=flat, return_tensors="pt"))
+        # Per-sample layouts (Idefics3) take the images grouped by sample.
+        grouped = images if image_kind.rows_per_sample else flat
+        batch.update(image_processor(config)(images=grouped, return_tensors="pt"))
     video_counts = torch.zeros(batch_size, dtype=torch.int64)
     if videos:
         video_counts[1::3] = 1
         if int(video_counts.sum()):
             batch.update(_videos(config, generator, int(video_counts.sum())))
 
-    image_kind = adapter.media[0]
     image_tokens = adapter.tokens_per_item(config, image_kind, batch).tolist() if flat else []
+    if image_kind.rows_per_sample and flat:
+        # One count per sample: share it out over the sample's images.
+        image_tokens = [
+            tokens // int(n)
+            for tokens, n in zip(image_tokens, counts, strict=True)
+            for _ in range(n)
+        ]
     video_tokens: list[tuple[int, int]] = []
     if int(video_counts.sum()):
         tokens = adapter.tokens_per_item(config, adapter.media[1], batch).tolist()

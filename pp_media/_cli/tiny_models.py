@@ -45,6 +45,9 @@ def tiny_model_types() -> tuple[str, ...]:
         "mistral3",
         "gemma3",
         "paligemma",
+        "idefics3",
+        "smolvlm",
+        "internvl",
     )
 
 
@@ -165,6 +168,39 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
             eoi_token_index=VISION_END,
             **tokens,
         )
+    if model_type in ("idefics3", "smolvlm"):
+        vision = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": SIGLIP_IMAGE_SIZE,
+            "patch_size": 14,
+        }
+        config_class = (
+            transformers.Idefics3Config if model_type == "idefics3" else transformers.SmolVLMConfig
+        )
+        return config_class(
+            vision_config=vision,
+            text_config={**text, "model_type": "llama"},
+            scale_factor=2,
+            **tokens,
+        )
+    if model_type == "internvl":
+        vision = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": [SIGLIP_IMAGE_SIZE, SIGLIP_IMAGE_SIZE],
+            "patch_size": [14, 14],
+        }
+        return transformers.InternVLConfig(
+            vision_config=vision,
+            text_config={**text, "model_type": "qwen2"},
+            downsample_ratio=0.5,
+            **tokens,
+        )
     if model_type == "mistral3":
         vision = {
             "model_type": "pixtral",
@@ -209,6 +245,22 @@ def image_processor(config: Any) -> Any:
         size = config.vision_config.image_size
         name = "Gemma3ImageProcessor" if config.model_type == "gemma3" else "SiglipImageProcessor"
         return _pil_class(transformers, name)(size={"height": size, "width": size})
+    if config.model_type in ("idefics3", "smolvlm"):
+        size = {"longest_edge": config.vision_config.image_size}
+        name = (
+            "Idefics3ImageProcessor" if config.model_type == "idefics3" else "SmolVLMImageProcessor"
+        )
+        return _pil_class(transformers, name)(
+            do_image_splitting=False, size=size, max_image_size=size
+        )
+    if config.model_type == "internvl":
+        size = config.vision_config.image_size
+        return _pil_class(transformers, "GotOcr2ImageProcessor")(
+            size={"height": size[0], "width": size[1]},
+            crop_to_patches=True,
+            min_patches=1,
+            max_patches=3,
+        )
     if config.model_type == "mistral3":
         vision = config.vision_config
         return _pil_class(transformers, "PixtralImageProcessor")(

@@ -45,6 +45,8 @@ def _items_per_sample(
     given = batch.get(kind.count_field)
     if given is not None:
         return given
+    if kind.rows_per_sample:
+        return torch.ones(batch["input_ids"].shape[0], dtype=torch.int64)
     return count_items_per_sample(
         batch["input_ids"],
         adapter.token_id(config, kind),
@@ -153,6 +155,7 @@ def prepare_step_inputs(
         work.get(kind.pixel_field) is not None for kind in adapter.media
     )
     if VLM_PP_MEDIA_KEY not in work and has_media:
+        adapter.core_layout(work)
         for kind in adapter.media:
             if work.get(kind.pixel_field) is not None:
                 work[kind.count_field] = _items_per_sample(work, adapter, config, kind)

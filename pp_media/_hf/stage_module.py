@@ -91,7 +91,10 @@ class VLMStage(nn.Module):
         for kind in adapter.media:
             if media.get(kind.pixel_field) is None:
                 continue
-            features, layer_features = adapter.features(base, kind, media)
+            extracted = adapter.features(base, kind, media)
+            if extracted is None:
+                continue
+            features, layer_features = extracted
             positions = input_ids == adapter.token_id(self.config, kind)
             placeholders = positions.unsqueeze(-1)
             hidden = hidden.masked_scatter(placeholders, features.to(hidden.dtype))

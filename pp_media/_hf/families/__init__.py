@@ -6,6 +6,8 @@ from typing import Any
 
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
 from pp_media._hf.families.gemma import Gemma3Adapter, PaliGemmaAdapter
+from pp_media._hf.families.idefics3 import Idefics3Adapter
+from pp_media._hf.families.internvl import InternVLAdapter
 from pp_media._hf.families.llava import LlavaAdapter
 from pp_media._hf.families.mistral3 import Mistral3Adapter
 from pp_media._hf.families.qwen_vl import Glm4vAdapter, Qwen3VLAdapter, QwenVLAdapter
@@ -28,6 +30,8 @@ for _adapter in (
     Mistral3Adapter(),
     Gemma3Adapter(),
     PaliGemmaAdapter(),
+    Idefics3Adapter(),
+    InternVLAdapter(),
 ):
     register_family(_adapter)
 

@@ -33,6 +33,8 @@ class MediaKind:
     feature_fields: tuple[str, ...] = ()
     #: Value of ``mm_token_type_ids`` at this kind's placeholders (Qwen-VL: image 1, video 2).
     token_type: int = 1
+    #: Dim 0 of the pixels counts samples, each padded to the batch's most items (Idefics3).
+    rows_per_sample: bool = False
 
 
 def _flat(features: Any) -> torch.Tensor:
@@ -78,10 +80,11 @@ class FamilyAdapter:
 
     def features(
         self, base_model: nn.Module, kind: MediaKind, media: Mapping[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
         """Features of every item of ``kind`` in item order, ``[tokens, hidden]``, and the
         per-layer features the family adds inside the decoder (``layer_feature_count`` of
-        them, each ``[tokens, hidden]``; Qwen3-VL's deepstack)."""
+        them, each ``[tokens, hidden]``; Qwen3-VL's deepstack). None when the microbatch's
+        media hold no item (only padding)."""
         fields = {name: media[name] for name in kind.feature_fields if name in media}
         output = getattr(base_model, kind.features_method)(
             media[kind.pixel_field], **fields, return_dict=True
@@ -113,6 +116,10 @@ class FamilyAdapter:
     ) -> torch.Tensor | None:
         """Position ids stage 0 sends downstream (only when ``sends_position_ids``)."""
         return None
+
+    def core_layout(self, batch: dict[str, Any]) -> None:
+        """Rename fields, in place, into a layout the core splits (InternVL's tiles per image
+        become a ``[tiles, 1]`` grid); default: the processor's layout already is one."""
 
     def layer_mask(
         self,
