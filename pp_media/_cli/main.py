@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pp_media._hf.partition import SCHEDULE_NAMES
 
 DTYPES = ("float32", "bfloat16", "float16")
+#: Top-level modules of the ``hf`` extra, named when one is missing.
+_HF_EXTRA_MODULES = frozenset({"transformers", "safetensors", "PIL", "tqdm", "numpy"})
 
 
 def _positive(value: str) -> int:
@@ -115,9 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pp_media._cli.inspect_batch import run_inspect
 
         return run_inspect(args)
-    except ImportError as error:
+    except ModuleNotFoundError as error:
+        if error.name not in _HF_EXTRA_MODULES:
+            raise
         print(
-            f"pp-media: {error.name or error} is not installed; the command needs the hf extra: "
+            f"pp-media: {error.name} is not installed; the command needs the hf extra: "
             "pip install 'pp-media[hf]'",
             file=sys.stderr,
         )
