@@ -40,6 +40,7 @@ def tiny_model_types() -> tuple[str, ...]:
         "qwen2_vl",
         "qwen2_5_vl",
         "qwen3_vl",
+        "qwen3_5",
         "glm4v",
         "llava",
         "mistral3",
@@ -57,7 +58,7 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
 
     text = {**_TEXT, "num_hidden_layers": num_layers, "tie_word_embeddings": tie_word_embeddings}
     tokens = {"image_token_id": IMAGE_TOKEN, "tie_word_embeddings": tie_word_embeddings}
-    if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"):
         text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
         tokens.update(
             video_token_id=VIDEO_TOKEN,
@@ -89,6 +90,33 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
                 },
             )
             return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
+        if model_type == "qwen3_5":
+            vision = {
+                **_QWEN_VISION,
+                "patch_size": 16,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "out_hidden_size": 64,
+                "num_position_embeddings": 64,
+            }
+            del text["rope_scaling"]
+            text.update(
+                head_dim=16,
+                layer_types=["linear_attention", "full_attention"] * (num_layers // 2)
+                + ["linear_attention"] * (num_layers % 2),
+                linear_key_head_dim=8,
+                linear_value_head_dim=8,
+                linear_num_key_heads=2,
+                linear_num_value_heads=4,
+                rope_parameters={
+                    "rope_type": "default",
+                    "rope_theta": 10000.0,
+                    "partial_rotary_factor": 0.5,
+                    "mrope_section": [1, 1, 2],
+                    "mrope_interleaved": True,
+                },
+            )
+            return transformers.Qwen3_5Config(text_config=text, vision_config=vision, **tokens)
         vision = {
             **_QWEN_VISION,
             "intermediate_size": 64,
@@ -229,7 +257,7 @@ def image_processor(config: Any) -> Any:
     """The family's real image processor, built offline (PIL backend; no torchvision here)."""
     import transformers
 
-    if config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"):
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v"):
         name = "Glm4vImageProcessor" if config.model_type == "glm4v" else "Qwen2VLImageProcessor"
         return _pil_class(transformers, name)(
             patch_size=config.vision_config.patch_size,

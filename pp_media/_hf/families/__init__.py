@@ -10,7 +10,12 @@ from pp_media._hf.families.idefics3 import Idefics3Adapter
 from pp_media._hf.families.internvl import InternVLAdapter
 from pp_media._hf.families.llava import LlavaAdapter
 from pp_media._hf.families.mistral3 import Mistral3Adapter
-from pp_media._hf.families.qwen_vl import Glm4vAdapter, Qwen3VLAdapter, QwenVLAdapter
+from pp_media._hf.families.qwen_vl import (
+    Glm4vAdapter,
+    Qwen3_5Adapter,
+    Qwen3VLAdapter,
+    QwenVLAdapter,
+)
 
 _ADAPTERS: dict[str, FamilyAdapter] = {}
 
@@ -25,6 +30,7 @@ def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
 for _adapter in (
     QwenVLAdapter(),
     Qwen3VLAdapter(),
+    Qwen3_5Adapter(),
     Glm4vAdapter(),
     LlavaAdapter(),
     Mistral3Adapter(),

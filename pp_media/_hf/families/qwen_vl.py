@@ -101,3 +101,12 @@ class Qwen3VLAdapter(QwenVLAdapter):
             "visual_pos_masks": positions,
             "deepstack_visual_embeds": [dense[positions] for dense in layer_features],
         }
+
+
+class Qwen3_5Adapter(QwenVLAdapter):
+    """Qwen3.5: Qwen3-VL's vision layout and frame-separated videos without deepstack; its
+    decoder mixes linear-attention and full-attention layers (``layer_types``), which the
+    stage's own slice of the config keeps apart."""
+
+    model_types = ("qwen3_5",)
+    video_frames_separately = True
