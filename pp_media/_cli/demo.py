@@ -122,6 +122,11 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
         raise DemoError(str(error).removeprefix("pp_media: ")) from None
     if args.videos and len(adapter.media) < 2:
         raise DemoError(f"--videos: {config.model_type} takes no videos")
+    if args.videos and not hasattr(config.vision_config, "temporal_patch_size"):
+        raise DemoError(
+            f"--videos: the demo builds Qwen-VL-style video tensors, which {config.model_type} "
+            "does not take"
+        )
     if args.videos and not adapter.mixes_images_and_videos:
         raise DemoError(
             f"--videos: {config.model_type} cannot take images and videos in one forward "
@@ -186,15 +191,28 @@ def pipeline_rank(plan: DemoPlan, out_dir: str | None) -> dict[str, Any]:
     if plan.device.startswith("cuda"):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
-    pipe = build_vlm_pipeline(
-        plan.checkpoint,
-        schedule=plan.schedule,
-        n_microbatches=plan.microbatches,
-        stages_per_rank=plan.virtual_stages,
-        layers_per_stage=plan.layers_per_stage,
-        device=device,
-        dtype=_dtype(plan.dtype),
-    )
+    options = {
+        "schedule": plan.schedule,
+        "n_microbatches": plan.microbatches,
+        "stages_per_rank": plan.virtual_stages,
+        "layers_per_stage": plan.layers_per_stage,
+        "device": device,
+        "dtype": _dtype(plan.dtype),
+    }
+    try:
+        pipe = build_vlm_pipeline(plan.checkpoint, **options)
+    except NotImplementedError as error:
+        # Checkpoints whose tensors need transformers' weight converters (merged or permuted
+        # on load) cannot be read stage by stage yet: load the whole model on this rank.
+        import transformers
+
+        if rank == 0:
+            print(f"note: {str(error).removeprefix('pp_media: ')}", file=sys.stderr)
+        model = transformers.AutoModelForImageTextToText.from_pretrained(
+            plan.checkpoint, dtype=_dtype(plan.dtype)
+        )
+        pipe = build_vlm_pipeline(model, **options)
+        del model  # the stages keep their own parts only
     optimizer = _optimizer(pipe.parameters(), plan)
     steps = range(plan.steps)
     if pipe.has_last_stage:

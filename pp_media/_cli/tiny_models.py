@@ -49,6 +49,7 @@ def tiny_model_types() -> tuple[str, ...]:
         "idefics3",
         "smolvlm",
         "internvl",
+        "kimi_k25",
     )
 
 
@@ -62,6 +63,7 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
         text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
         tokens.update(
             video_token_id=VIDEO_TOKEN,
+            projection_hidden_size=32,
             vision_start_token_id=VISION_START,
             vision_end_token_id=VISION_END,
         )
@@ -229,6 +231,40 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
             downsample_ratio=0.5,
             **tokens,
         )
+    if model_type == "kimi_k25":
+        vision = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "pos_emb_height": 16,
+            "pos_emb_width": 16,
+        }
+        deepseek = {
+            **text,
+            "model_type": "deepseek_v3",
+            "num_key_value_heads": 4,
+            "moe_intermediate_size": 32,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "n_group": 1,
+            "topk_group": 1,
+            "first_k_dense_replace": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 32,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 16,
+        }
+        return transformers.Kimi_K25Config(
+            vision_config=vision,
+            text_config=deepseek,
+            video_token_id=VIDEO_TOKEN,
+            projection_hidden_size=32,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+            **tokens,
+        )
     if model_type == "mistral3":
         vision = {
             "model_type": "pixtral",
@@ -289,6 +325,8 @@ def image_processor(config: Any) -> Any:
             min_patches=1,
             max_patches=3,
         )
+    if config.model_type == "kimi_k25":
+        return FlatPatchLayout(config.vision_config.patch_size)
     if config.model_type == "mistral3":
         vision = config.vision_config
         return _pil_class(transformers, "PixtralImageProcessor")(
@@ -302,3 +340,28 @@ def _pil_class(transformers: Any, name: str) -> Any:
     """The PIL backend of a processor when transformers has one (what it falls back to without
     torchvision anyway, minus the warning), else the processor class itself."""
     return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
+class FlatPatchLayout:
+    """Stand-in for an image processor that needs torchvision (Kimi-K2.5's): images become
+    exactly its output layout, ``pixel_values [sum(h*w), C, patch, patch]`` (each image cut into
+    patch x patch tiles, row by row, scaled to [-1, 1]) and ``image_grid_thw`` rows
+    ``[1, h, w]`` in patches. Values differ from the real processor's resizing; the layout, which
+    is what pipelining depends on, does not."""
+
+    def __init__(self, patch_size: int) -> None:
+        self.patch_size = patch_size
+
+    def __call__(self, images: list[Any], return_tensors: str = "pt") -> dict[str, Any]:
+        import torch
+
+        patch = self.patch_size
+        pixels, grids = [], []
+        for image in images:
+            array = torch.tensor(list(image.getdata()), dtype=torch.float32)
+            height, width = image.height // patch * patch, image.width // patch * patch
+            array = array.view(image.height, image.width, 3)[:height, :width] / 127.5 - 1
+            tiles = array.view(height // patch, patch, width // patch, patch, 3)
+            pixels.append(tiles.permute(0, 2, 4, 1, 3).reshape(-1, 3, patch, patch))
+            grids.append([1, height // patch, width // patch])
+        return {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids)}

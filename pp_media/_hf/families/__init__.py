@@ -8,6 +8,7 @@ from pp_media._hf.families.base import FamilyAdapter, MediaKind
 from pp_media._hf.families.gemma import Gemma3Adapter, PaliGemmaAdapter
 from pp_media._hf.families.idefics3 import Idefics3Adapter
 from pp_media._hf.families.internvl import InternVLAdapter
+from pp_media._hf.families.kimi import KimiK25Adapter
 from pp_media._hf.families.llava import LlavaAdapter
 from pp_media._hf.families.mistral3 import Mistral3Adapter
 from pp_media._hf.families.qwen_vl import (
@@ -38,6 +39,7 @@ for _adapter in (
     PaliGemmaAdapter(),
     Idefics3Adapter(),
     InternVLAdapter(),
+    KimiK25Adapter(),
 ):
     register_family(_adapter)
 
