@@ -74,6 +74,8 @@ def synthetic_batch(
     generator = torch.Generator().manual_seed(seed)
     counts = torch.randint(0, max_images + 1, (batch_size,), generator=generator)
     counts[0] = 0
+    if adapter.images_per_sample is not None:  # layouts with a fixed count (Step3: one each)
+        counts.fill_(adapter.images_per_sample)
     images = [
         [
             _image(generator, *IMAGE_SIZES[int(i)])

@@ -31,6 +31,8 @@ _QWEN_VISION = {
 }
 #: LLaVA's tiny vision tower sees 56x56 images: (56 // 14)**2 = 16 placeholders per image.
 LLAVA_IMAGE_SIZE = 56
+#: Step3p7: 112x112 global views (4 placeholders), 56x56 local crops (1 placeholder each).
+STEP3_GLOBAL_SIZE = 112
 #: Gemma3 and PaliGemma (SigLIP): 56x56 images, 16 patches, pooled to 4 tokens in Gemma3.
 SIGLIP_IMAGE_SIZE = 56
 
@@ -50,6 +52,7 @@ def tiny_model_types() -> tuple[str, ...]:
         "smolvlm",
         "internvl",
         "kimi_k25",
+        "step3p7",
     )
 
 
@@ -265,6 +268,30 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
             vision_end_token_id=VISION_END,
             **tokens,
         )
+    if model_type == "step3p7":
+        vision = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": STEP3_GLOBAL_SIZE,
+            "patch_size": 14,
+        }
+        step3_text = {
+            **text,
+            "head_dim": 16,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "share_expert_dim": 32,
+            "mlp_layer_types": ["dense"] + ["sparse"] * (num_layers - 1),
+            "layer_types": ["full_attention"] * num_layers,
+            "num_sliding_attention_heads": 4,
+            "sliding_window": 16,
+        }
+        return transformers.Step3p7Config(
+            vision_config=vision, text_config=step3_text, image_token_id=IMAGE_TOKEN
+        )
     if model_type == "mistral3":
         vision = {
             "model_type": "pixtral",
@@ -327,6 +354,8 @@ def image_processor(config: Any) -> Any:
         )
     if config.model_type == "kimi_k25":
         return FlatPatchLayout(config.vision_config.patch_size)
+    if config.model_type == "step3p7":
+        return Step3Layout(config.vision_config.image_size)
     if config.model_type == "mistral3":
         vision = config.vision_config
         return _pil_class(transformers, "PixtralImageProcessor")(
@@ -365,3 +394,40 @@ class FlatPatchLayout:
             pixels.append(tiles.permute(0, 2, 4, 1, 3).reshape(-1, 3, patch, patch))
             grids.append([1, height // patch, width // patch])
         return {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids)}
+
+
+class Step3Layout:
+    """Stand-in for Step3p7's image processor (it needs torchvision): each image becomes one
+    ``[C, S, S]`` global view, plus one ``[C, S/2, S/2]`` local crop for images that are not
+    square, with the processor's field names (``pixel_values``, ``pixel_values_local``,
+    ``num_local_patches``, ``patch_newline_masks``). Only the layout is the processor's."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def _tensor(self, image: Any, size: int) -> Any:
+        import torch
+
+        resized = image.convert("RGB").resize((size, size))
+        pixels = torch.tensor(list(resized.getdata()), dtype=torch.float32) / 127.5 - 1
+        return pixels.view(size, size, 3).permute(2, 0, 1)
+
+    def __call__(self, images: list[Any], return_tensors: str = "pt") -> dict[str, Any]:
+        import torch
+
+        images = [
+            item for entry in images for item in (entry if isinstance(entry, list) else [entry])
+        ]
+        views = [self._tensor(image, self.size) for image in images]
+        crops = [
+            self._tensor(image, self.size // 2) for image in images if image.width != image.height
+        ]
+        local = [int(image.width != image.height) for image in images]
+        return {
+            "pixel_values": torch.stack(views),
+            "pixel_values_local": torch.stack(crops)
+            if crops
+            else torch.zeros(0, 3, self.size // 2, self.size // 2),
+            "num_local_patches": torch.tensor(local),
+            "patch_newline_masks": torch.zeros(len(crops), dtype=torch.bool),
+        }

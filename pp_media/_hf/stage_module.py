@@ -62,10 +62,6 @@ class VLMStage(nn.Module):
         )
         return f"stage {self.stage_index} of {self.n_stages}, {held}"
 
-    def _carried_from(self, first_layer: int) -> int:
-        """How many per-layer feature tensors a stage starting at ``first_layer`` needs."""
-        return max(0, self.layer_feature_count - first_layer)
-
     def _embed(
         self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:

@@ -17,6 +17,7 @@ from pp_media._hf.families.qwen_vl import (
     Qwen3VLAdapter,
     QwenVLAdapter,
 )
+from pp_media._hf.families.step3 import Step3p7Adapter
 
 _ADAPTERS: dict[str, FamilyAdapter] = {}
 
@@ -40,6 +41,7 @@ for _adapter in (
     Idefics3Adapter(),
     InternVLAdapter(),
     KimiK25Adapter(),
+    Step3p7Adapter(),
 ):
     register_family(_adapter)
 

@@ -59,6 +59,8 @@ class FamilyAdapter:
     media: tuple[MediaKind, ...] = ()
     #: Stage 0 computes position ids and sends them downstream with the hidden states.
     sends_position_ids: bool = False
+    #: Images every sample carries when the layout fixes it (Step3: one), else None.
+    images_per_sample: int | None = None
     #: Stage 0 needs ``mm_token_type_ids`` (Qwen-VL's M-RoPE); derived when the batch lacks it.
     needs_mm_token_type_ids: bool = False
     #: Each video frame has its own placeholder run after a timestamp (Qwen3-VL, GLM-4V).
