@@ -1,0 +1,338 @@
+"""Deeper Hugging Face parity cases on 2 real gloo ranks: Qwen3-VL deepstack, Idefics3 /
+SmolVLM per-sample pixel rows, InternVL tiles per image, tied Qwen3-VL through SGD steps.
+
+Each case builds the same tiny VLM on both ranks (``tiny_config``, fp32, dropout 0, train
+mode); a deep copy is the reference, run on the whole batch with its own ``labels``. The
+pipeline from ``build_vlm_pipeline`` then runs the same batch (6 samples, 4 microbatches) and
+each rank records its loss and gradient differences from the reference, by the unsplit model's
+parameter names. Besides, per case: what the batch holds (placeholders per sample, pixel rows,
+tiles per image, video frames), the stages' layers, what every later stage received from the
+previous one (forward pre-hooks: how many tensors, and how large the carried deepstack
+features were), and for Qwen3-VL the reference's loss with deepstack switched off.
+``test_hf_parity_deep.py`` spawns ``worker`` once for all cases and asserts on the JSON.
+
+Self-contained on purpose (it does not import ``hf_parity_worker``, which changes often).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+WORLD_SIZE = 2
+BATCH_SIZE = 6
+N_MICROBATCHES = 4
+MODEL_SEED = 0
+SGD_LR = 0.5
+EMBED = "model.language_model.embed_tokens.weight"
+HEAD = "lm_head.weight"
+#: Batch fields that would give the items per sample; the pipeline must derive them instead.
+COUNT_FIELDS = ("n_images_per_sample", "n_videos_per_sample")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One pipelined step (or ``sgd_steps`` SGD steps) beside the unsplit reference."""
+
+    model_type: str
+    schedule: str
+    #: ``synthetic_batch(videos=)``: every third sample also carries one video.
+    videos: bool = False
+    tied: bool = False
+    #: SGD steps (lr ``SGD_LR``) after each pipeline step, one batch each; 0: one step, no
+    #: optimizer.
+    sgd_steps: int = 0
+    #: Seed of the (first) batch; chosen per case for what the batch must hold (see ``cases``).
+    seed: int = 1
+
+    @property
+    def key(self) -> str:
+        parts = [self.model_type, "videos" if self.videos else "images", self.schedule]
+        if self.tied:
+            parts.append("tied")
+        if self.sgd_steps:
+            parts.append(f"sgd{self.sgd_steps}")
+        parts.append(f"seed{self.seed}")
+        return "/".join(parts)
+
+
+def cases() -> list[Case]:
+    """Every case, in the order both ranks run them. Microbatches are samples [0, 2), [2, 4),
+    [4, 5), [5, 6). Seeds: Qwen3-VL seed 1 leaves microbatch 1 text-only, seed 7 microbatch 0;
+    with videos, seed 1 gives microbatches of images and a video, and seed 3 video-only ones.
+    Idefics3 / SmolVLM seed 1 leaves microbatch 1 text-only, seed 7 microbatch 0. InternVL
+    seeds 1 and 2 give a sample with images of 1 and 3 tiles."""
+    return [
+        Case("qwen3_vl", "1F1B"),
+        Case("qwen3_vl", "Interleaved1F1B"),
+        Case("qwen3_vl", "ZBVZeroBubble", seed=7),
+        Case("qwen3_vl", "1F1B", videos=True),
+        Case("qwen3_vl", "Interleaved1F1B", videos=True, seed=3),
+        Case("idefics3", "1F1B"),
+        Case("idefics3", "Interleaved1F1B", seed=7),
+        Case("smolvlm", "1F1B"),
+        Case("internvl", "1F1B"),
+        Case("internvl", "GPipe", seed=2),
+        Case("qwen3_vl", "1F1B", tied=True, sgd_steps=2),
+    ]
+
+
+# --- what a batch holds --------------------------------------------------------------------
+
+
+def runs(input_ids: torch.Tensor, token_id: int) -> list[int]:
+    """Runs of ``token_id`` per sample (items, or Qwen3-VL video frames: the synthetic rows
+    separate consecutive runs by text or by vision start/end tokens)."""
+    is_token = input_ids == token_id
+    starts = is_token & ~torch.nn.functional.pad(is_token, (1, 0))[:, :-1]
+    return starts.sum(1).tolist()
+
+
+def describe_batch(batch: dict[str, torch.Tensor], config: Any) -> dict[str, Any]:
+    """The facts about ``batch`` that the test checks the case's claims against."""
+    from pp_media._core.bounds import sample_bounds
+
+    input_ids = batch["input_ids"]
+    info: dict[str, Any] = {
+        "keys": sorted(batch),
+        "bounds": list(sample_bounds(input_ids.shape[0], N_MICROBATCHES)),
+        "shapes": {name: list(value.shape) for name, value in batch.items()},
+        "image_tokens": (input_ids == config.image_token_id).sum(1).tolist(),
+        "image_runs": runs(input_ids, config.image_token_id),
+    }
+    video_token = getattr(config, "video_token_id", None)
+    if video_token is not None:
+        info["video_tokens"] = (input_ids == video_token).sum(1).tolist()
+        info["video_runs"] = runs(input_ids, video_token)
+    for name in ("image_grid_thw", "video_grid_thw", "num_patches"):
+        if name in batch:
+            info[name] = batch[name].tolist()
+    if config.model_type in ("idefics3", "smolvlm") and "pixel_values" in batch:
+        pixels = batch["pixel_values"]
+        info["real_crops"] = (~(pixels == 0).flatten(2).all(-1)).sum(1).tolist()
+        info["zero_rows"] = [bool((row == 0).all()) for row in pixels]
+    return info
+
+
+# --- comparisons -----------------------------------------------------------------------------
+
+
+def max_diff(
+    named: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor | None], grads: bool
+) -> tuple[float, str, float]:
+    """Largest |pipeline - reference| over ``named`` (gradients, or the values), the worst
+    parameter's name and the largest reference magnitude (None gradients count as zeros)."""
+    worst, worst_name, scale = 0.0, "", 0.0
+    for name, param in named.items():
+        ref = reference[name]
+        mine = param.grad if grads else param.detach()
+        if ref is None and mine is None:
+            continue
+        ref = torch.zeros_like(param) if ref is None else ref
+        mine = torch.zeros_like(param) if mine is None else mine
+        diff = (mine - ref).abs().max().item()
+        scale = max(scale, ref.abs().max().item())
+        if diff >= worst:
+            worst, worst_name = diff, name
+    return worst, worst_name, scale
+
+
+def largest(tensors: Any) -> float:
+    """Largest magnitude over ``tensors`` (None entries skipped); 0.0 for none."""
+    return max((t.abs().max().item() for t in tensors if t is not None), default=0.0)
+
+
+def tied_copies(pipe: Any) -> dict[str, Any]:
+    """Whether the embedding copy (stage 0's rank) and the LM head copy (last stage's rank)
+    are equal bit for bit, compared through an all_gather over the tied group."""
+    named = pipe.named_parameters()
+    if not pipe.tied.active:
+        return {"copies_equal": None}
+    mine = (named[EMBED] if pipe.has_first_stage else named[HEAD]).detach().contiguous()
+    gathered = [torch.empty_like(mine) for _ in range(WORLD_SIZE)]
+    dist.all_gather(gathered, mine, group=pipe.tied.group)
+    return {"copies_equal": torch.equal(gathered[0], gathered[1])}
+
+
+def deepstack_off_loss(reference: Any, batch: dict[str, torch.Tensor]) -> float:
+    """The unsplit model's loss with deepstack switched off: its text model's
+    ``_deepstack_process`` returns the hidden states unchanged (patched on this one instance,
+    in this worker only, and removed again). What a pipeline that lost the carried features
+    would be near."""
+    text = reference.model.language_model
+
+    def unchanged(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+    text._deepstack_process = unchanged
+    try:
+        with torch.no_grad():
+            return reference(**batch).loss.item()
+    finally:
+        del text._deepstack_process
+
+
+class Received:
+    """Forward pre-hooks on this rank's stage modules: per stage, per microbatch, how many
+    positional tensors it got, and the largest carried per-layer feature (inputs after
+    hidden, position ids and the media-position mask, for stages after the first)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.calls: dict[int, list[dict[str, Any]]] = {}
+        self.handles = [
+            stage.register_forward_pre_hook(self._hook(stage), with_kwargs=True)
+            for stage in pipe.stages
+        ]
+
+    def _hook(self, stage: Any) -> Any:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            lead = 2 if stage.adapter.sends_position_ids else 1
+            carried = args[lead + 1 :] if not stage.is_first else ()
+            self.calls.setdefault(stage.stage_index, []).append(
+                {
+                    "n_args": len(args),
+                    "n_carried": len(carried),
+                    "carried_max": [largest([t.detach()]) for t in carried],
+                }
+            )
+
+        return hook
+
+    def remove(self) -> dict[str, list[dict[str, Any]]]:
+        for handle in self.handles:
+            handle.remove()
+        return {str(index): calls for index, calls in self.calls.items()}
+
+
+# --- one case --------------------------------------------------------------------------------
+
+
+def run_case(rank: int, case: Case) -> dict[str, Any]:
+    """Build, step and compare; the per-rank result of ``case``."""
+    import transformers
+
+    from pp_media._cli.synthetic import default_seq_len, synthetic_batch
+    from pp_media._cli.tiny_models import tiny_config
+    from pp_media._hf.families import adapter_for
+    from pp_media._hf.pipeline import build_vlm_pipeline
+
+    config = tiny_config(case.model_type, tie_word_embeddings=case.tied)
+    adapter = adapter_for(config)
+    torch.manual_seed(MODEL_SEED)
+    source = transformers.AutoModelForImageTextToText.from_config(config)
+    source.train()
+    reference = copy.deepcopy(source)
+    reference.train()
+    pipe = build_vlm_pipeline(
+        source, schedule=case.schedule, n_microbatches=N_MICROBATCHES, device="cpu"
+    )
+    full = dict(reference.named_parameters(remove_duplicate=False))
+    named = pipe.named_parameters()
+    vision_names = [
+        name for name in full if any(name.startswith(path + ".") for path in adapter.vision_paths)
+    ]
+    deepstack_names = [name for name in vision_names if ".deepstack_merger_list." in name]
+    result: dict[str, Any] = {
+        "case": asdict(case),
+        "stages": [stage.stage_index for stage in pipe.stages],
+        "stage_layers": {str(s.stage_index): list(s.layer_indices) for s in pipe.stages},
+        "first_layers": {str(s.stage_index): s.first_layer for s in pipe.stages},
+        "layer_feature_count": adapter.layer_feature_count(config),
+        "n_layers": config.get_text_config().num_hidden_layers,
+        "has_first_stage": pipe.has_first_stage,
+        "has_last_stage": pipe.has_last_stage,
+        "names": sorted(named),
+        "full_names": sorted(full),
+        "vision_names": vision_names,
+        "deepstack_names": deepstack_names,
+        "tied_active": pipe.tied.active,
+        "reference_tied": reference.get_output_embeddings().weight
+        is reference.get_input_embeddings().weight,
+        "steps": [],
+    }
+    if case.sgd_steps:
+        ref_optimizer = torch.optim.SGD(reference.parameters(), lr=SGD_LR)
+        optimizer = torch.optim.SGD(pipe.parameters(), lr=SGD_LR)
+    seq_len = default_seq_len(config, videos=case.videos)
+    for step in range(max(case.sgd_steps, 1)):
+        batch = synthetic_batch(
+            config, BATCH_SIZE, seq_len, seed=case.seed + step, videos=case.videos
+        )
+        if step == 0:
+            result["batch"] = describe_batch(batch, config)
+        ref_loss = reference(**batch).loss
+        ref_loss.backward()
+        ref_grads = {name: p.grad for name, p in full.items()}
+        if step == 0 and adapter.layer_feature_count(config):
+            result["deepstack_off_loss"] = deepstack_off_loss(reference, batch)
+
+        before = {name: value.clone() for name, value in batch.items()}
+        received = Received(pipe)
+        loss = pipe.step(batch)
+        record: dict[str, Any] = {"received": received.remove()}
+        record["batch_unchanged"] = sorted(batch) == sorted(before) and all(
+            torch.equal(batch[name], value) for name, value in before.items()
+        )
+        grad_err, grad_worst, grad_scale = max_diff(named, ref_grads, grads=True)
+        record.update(grad_err=grad_err, grad_worst=grad_worst, grad_scale=grad_scale)
+        record["compared"] = len(named)
+        record["missing_grads"] = sorted(
+            name
+            for name, p in named.items()
+            if p.grad is None and ref_grads[name] is not None and bool(ref_grads[name].any())
+        )
+        record["ref_vision_grad"] = largest(ref_grads[name] for name in vision_names)
+        record["vision_grad"] = largest(named[n].grad for n in vision_names if n in named)
+        record["ref_deepstack_grad"] = largest(ref_grads[name] for name in deepstack_names)
+        record["deepstack_grad"] = largest(named[n].grad for n in deepstack_names if n in named)
+        if loss is not None:
+            record.update(loss=loss.item(), ref_loss=ref_loss.item())
+        if case.sgd_steps:
+            ref_optimizer.step()
+            optimizer.step()
+            ref_values = {name: p.detach() for name, p in full.items()}
+            record["param_err"], record["param_worst"], _ = max_diff(named, ref_values, False)
+            ref_optimizer.zero_grad()
+            optimizer.zero_grad()
+        if case.tied:
+            record.update(tied_copies(pipe))
+        result["steps"].append(record)
+    return result
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    """Entry point of one rank (``torch.multiprocessing`` spawn): every case, in order."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
+    results: dict[str, Any] = {}
+    out = Path(out_dir, f"rank{rank}.json")
+    try:
+        for case in cases():
+            started = time.perf_counter()
+            try:
+                results[case.key] = run_case(rank, case)
+            except Exception:
+                results[case.key] = {"error": traceback.format_exc()}
+                break  # the peer may now wait in send/recv; stop both ranks here
+            results[case.key]["seconds"] = time.perf_counter() - started
+            out.write_text(json.dumps(results))
+            dist.barrier()
+    finally:
+        out.write_text(json.dumps(results))
+        dist.destroy_process_group()
