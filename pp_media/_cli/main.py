@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from pp_media._cli.tiny_models import tiny_model_types
 from pp_media._hf.partition import SCHEDULE_NAMES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -49,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--model",
         default="qwen2_vl",
-        help="a model_type for a tiny random model (qwen2_vl, qwen2_5_vl, llava) or a local "
-        "checkpoint directory (default: qwen2_vl)",
+        help=f"a model_type for a tiny random model ({', '.join(tiny_model_types())}) or a "
+        "local checkpoint directory (default: qwen2_vl)",
     )
     demo.add_argument("--pp-size", type=_positive, default=2, help="pipeline ranks (default 2)")
     demo.add_argument(

@@ -88,7 +88,7 @@ def synthetic_batch(
     image_kind = adapter.media[0]
     if flat:
         # Per-sample layouts (Idefics3) take the images grouped by sample.
-        grouped = images if image_kind.rows_per_sample else flat
+        grouped = images if image_kind.rows_per_sample or adapter.images_by_sample else flat
         batch.update(image_processor(config)(images=grouped, return_tensors="pt"))
     video_counts = torch.zeros(batch_size, dtype=torch.int64)
     if videos:
@@ -114,7 +114,8 @@ def synthetic_batch(
         run = [token] * n_tokens
         return run if start is None else [start, *run, end]
 
-    rows = []
+    rows: list[list[int]] = []
+    prefix_lengths: list[int] = []
     image_iter, video_iter = iter(image_tokens), iter(video_tokens)
     for i in range(batch_size):
         row = torch.randint(10, 900, (3,), generator=generator).tolist()
@@ -132,6 +133,7 @@ def synthetic_batch(
             for _ in range(frames):  # a timestamp token before each frame's own run
                 row += [*torch.randint(10, 900, (1,), generator=generator).tolist()]
                 row += placeholder_run(video_token, n_tokens // frames)
+        prefix_lengths.append(len(row))  # media and prompt; the answer text follows
         text_len = int(torch.randint(4, 12, (1,), generator=generator))
         row += torch.randint(10, 900, (text_len,), generator=generator).tolist()
         if len(row) > seq_len:
@@ -153,21 +155,19 @@ def synthetic_batch(
         if token is not None:
             media_tokens |= input_ids == token
     labels = input_ids.masked_fill(media_tokens | (attention_mask == 0), -100)
+    if config.model_type == "paligemma":
+        # PaliGemmaProcessor(suffix=...): the image-and-prompt prefix (token type 0) carries no
+        # labels and attends bidirectionally; the suffix (type 1) is the trained answer.
+        positions = torch.arange(seq_len).expand(batch_size, -1)
+        suffix = (positions >= torch.tensor(prefix_lengths).unsqueeze(1)) & (attention_mask == 1)
+        labels = labels.masked_fill(~suffix, -100)
+        batch["token_type_ids"] = suffix.long()
+    elif "token_type_ids" in adapter.stage_fields:
+        batch["token_type_ids"] = (input_ids == config.image_token_id).long()  # Gemma3
     batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     if adapter.needs_mm_token_type_ids:
         batch["mm_token_type_ids"] = adapter.token_type_ids(config, input_ids)
-    if "token_type_ids" in adapter.stage_fields:
-        batch["token_type_ids"] = _token_type_ids(config, input_ids, labels)
     return batch
-
-
-def _token_type_ids(config: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """What the processors emit: Gemma3 marks image tokens 1; PaliGemma marks the suffix (the
-    tokens after the prompt that carry labels) 1 and the image-and-prompt prefix 0."""
-    if config.model_type == "paligemma":
-        has_label = labels != -100
-        return (has_label.cumsum(1) > 0).long()
-    return (input_ids == config.image_token_id).long()
 
 
 def default_seq_len(config: Any, *, max_images: int = 3, videos: bool = False) -> int:

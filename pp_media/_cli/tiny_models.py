@@ -48,6 +48,8 @@ def tiny_model_types() -> tuple[str, ...]:
         "mistral3",
         "gemma3",
         "paligemma",
+        "llava_next",
+        "llava_onevision",
         "idefics3",
         "smolvlm",
         "internvl",
@@ -59,6 +61,13 @@ def tiny_model_types() -> tuple[str, ...]:
 def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bool = False) -> Any:
     """A small config of ``model_type`` with ``num_layers`` decoder layers."""
     import transformers
+
+    if model_type in ("llava_next", "llava_onevision"):
+        from pp_media._cli import tiny_llava_next
+
+        return tiny_llava_next.tiny_config(
+            model_type, num_layers=num_layers, tie_word_embeddings=tie_word_embeddings
+        )
 
     text = {**_TEXT, "num_hidden_layers": num_layers, "tie_word_embeddings": tie_word_embeddings}
     tokens = {"image_token_id": IMAGE_TOKEN, "tie_word_embeddings": tie_word_embeddings}
@@ -327,6 +336,10 @@ def image_processor(config: Any) -> Any:
             merge_size=config.vision_config.spatial_merge_size,
             temporal_patch_size=config.vision_config.temporal_patch_size,
         )
+    if config.model_type in ("llava_next", "llava_onevision"):
+        from pp_media._cli import tiny_llava_next
+
+        return tiny_llava_next.image_processor(config)
     if config.model_type == "llava":
         size = config.vision_config.image_size
         return _pil_class(transformers, "CLIPImageProcessor")(

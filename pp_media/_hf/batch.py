@@ -161,6 +161,7 @@ def prepare_step_inputs(
                 work[kind.count_field] = _items_per_sample(work, adapter, config, kind)
         prepare_vlm_media_for_pp(work, batch_size, n_microbatches)
     media: dict[str, list[torch.Tensor]] = work.pop(VLM_PP_MEDIA_KEY, {})
+    media = adapter.stage_media(config, media)
     check_placeholders(input_ids, media, adapter, config, n_microbatches)
 
     if adapter.needs_mm_token_type_ids and has_media and work.get("mm_token_type_ids") is None:

@@ -83,6 +83,10 @@ def prune_to_stage(
     base._modules = {
         name: module for name, module in base._modules.items() if f"{base_path}.{name}" in keep
     }
+    # Parameters of the base model itself (LLaVA-NeXT's image_newline) go where a path names them.
+    base._parameters = {
+        name: param for name, param in base._parameters.items() if f"{base_path}.{name}" in keep
+    }
     text_parent, text_name = _parent_and_name(root, adapter.text_model_path)
     text = _shallow(model.get_submodule(adapter.text_model_path))
     text_parent._modules[text_name] = text

@@ -10,6 +10,7 @@ from pp_media._hf.families.idefics3 import Idefics3Adapter
 from pp_media._hf.families.internvl import InternVLAdapter
 from pp_media._hf.families.kimi import KimiK25Adapter
 from pp_media._hf.families.llava import LlavaAdapter
+from pp_media._hf.families.llava_next import LlavaNextAdapter, LlavaOnevisionAdapter
 from pp_media._hf.families.mistral3 import Mistral3Adapter
 from pp_media._hf.families.qwen_vl import (
     Glm4vAdapter,
@@ -35,6 +36,8 @@ for _adapter in (
     Qwen3_5Adapter(),
     Glm4vAdapter(),
     LlavaAdapter(),
+    LlavaNextAdapter(),
+    LlavaOnevisionAdapter(),
     Mistral3Adapter(),
     Gemma3Adapter(),
     PaliGemmaAdapter(),

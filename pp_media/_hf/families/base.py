@@ -59,6 +59,8 @@ class FamilyAdapter:
     media: tuple[MediaKind, ...] = ()
     #: Stage 0 computes position ids and sends them downstream with the hidden states.
     sends_position_ids: bool = False
+    #: The image processor takes the images grouped by sample (LLaVA-OneVision counts them).
+    images_by_sample: bool = False
     #: Images every sample carries when the layout fixes it (Step3: one), else None.
     images_per_sample: int | None = None
     #: Stage 0 needs ``mm_token_type_ids`` (Qwen-VL's M-RoPE); derived when the batch lacks it.
@@ -139,6 +141,14 @@ class FamilyAdapter:
     def final_logits(self, config: Any, logits: torch.Tensor) -> torch.Tensor:
         """The LM head's output as the family's ``forward`` returns it (e.g. soft-capped)."""
         return logits
+
+    def stage_media(
+        self, config: Any, media: dict[str, list[torch.Tensor]]
+    ) -> dict[str, list[torch.Tensor]]:
+        """The prepared per-microbatch media chunks, plus any fields the family derives from
+        them for stage 0 (which never gets the alignment-only counts such as
+        ``n_images_per_sample``): LLaVA-OneVision's per-microbatch ``batch_num_images``."""
+        return media
 
     def token_type_ids(self, config: Any, input_ids: torch.Tensor) -> torch.Tensor:
         """``mm_token_type_ids`` from the placeholders, for collates that do not emit them."""

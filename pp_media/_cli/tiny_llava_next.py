@@ -1,0 +1,85 @@
+"""Tiny LLaVA-NeXT and LLaVA-OneVision configs and their real image processors, offline.
+
+Both families cut each image into ``image_size`` crops on the best of ``image_grid_pinpoints``
+(anyres) plus one resized base crop, so the processor's crop size, the vision tower's
+``image_size`` and the pinpoints must agree. Here: 56x56 crops of 14-pixel patches (16 patches
+per crop) and pinpoints of 1x1, 1x2, 2x1 and 2x2 crops, which the synthetic image sizes
+(56..112 pixels a side) spread over. LLaVA-NeXT uses a CLIP tower (a CLS token, dropped by the
+``"default"`` feature strategy), LLaVA-OneVision a SigLIP one (no CLS, ``"full"``) with
+``vision_aspect_ratio="anyres_max_1"``, so that images of more than one crop take the model's
+bilinear down-sampling path (the checkpoints' ``anyres_max_9`` only does for 10+ crops).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pp_media._cli.tiny_models import _TEXT, IMAGE_TOKEN, VIDEO_TOKEN, _pil_class
+
+#: Crop size of both processors and ``image_size`` of both vision towers.
+CROP_SIZE = 56
+PATCH_SIZE = 14
+#: (height, width) of the anyres grids the processors may choose.
+GRID_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
+
+MODEL_TYPES = ("llava_next", "llava_onevision")
+
+
+def _vision(model_type: str) -> dict[str, Any]:
+    return {
+        "model_type": model_type,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": CROP_SIZE,
+        "patch_size": PATCH_SIZE,
+    }
+
+
+def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bool = False) -> Any:
+    """A small ``llava_next`` or ``llava_onevision`` config with ``num_layers`` decoder layers."""
+    import transformers
+
+    text = {**_TEXT, "num_hidden_layers": num_layers, "tie_word_embeddings": tie_word_embeddings}
+    common = {
+        "image_token_id": IMAGE_TOKEN,
+        "image_grid_pinpoints": GRID_PINPOINTS,
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+    if model_type == "llava_next":
+        return transformers.LlavaNextConfig(
+            vision_config=_vision("clip_vision_model"),
+            text_config={**text, "model_type": "llama"},
+            **common,
+        )
+    if model_type == "llava_onevision":
+        return transformers.LlavaOnevisionConfig(
+            vision_config={**_vision("siglip_vision_model"), "vision_use_head": False},
+            text_config={**text, "model_type": "qwen2"},
+            video_token_id=VIDEO_TOKEN,
+            vision_aspect_ratio="anyres_max_1",
+            **common,
+        )
+    raise ValueError(f"pp_media: no tiny LLaVA-NeXT-style config for {model_type!r}.")
+
+
+def image_processor(config: Any) -> Any:
+    """The family's image processor (PIL backend) with the config's crop size and pinpoints.
+    LLaVA-OneVision's takes the images grouped by sample (a list per sample): only then does
+    it know which images share a sample, its ``batch_num_images``."""
+    import transformers
+
+    size = config.vision_config.image_size
+    pinpoints = [list(point) for point in config.image_grid_pinpoints]
+    if config.model_type == "llava_next":
+        return _pil_class(transformers, "LlavaNextImageProcessor")(
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            image_grid_pinpoints=pinpoints,
+        )
+    if config.model_type == "llava_onevision":
+        return _pil_class(transformers, "LlavaOnevisionImageProcessor")(
+            size={"height": size, "width": size}, image_grid_pinpoints=pinpoints
+        )
+    raise ValueError(f"pp_media: no image processor known for model_type {config.model_type!r}.")
