@@ -3,7 +3,10 @@
 Each case builds the same tiny VLM on both ranks, runs the unsplit copy on the whole batch as
 the reference, then ``build_vlm_pipeline(...).step(batch)`` and records, per rank, the largest
 loss and gradient (and, with an optimizer, parameter) differences from the reference, the
-parameter names and sizes the rank holds, and the tied-embedding state.
+parameter names and sizes the rank holds, and the tied-embedding state. With
+``token_type_ids`` in the batch (Gemma3, PaliGemma) it also records how far the unsplit model's
+loss and gradients move without them (plain causal masks): the size of the error a lost
+bidirectional mask would make.
 ``test_hf_parity.py`` spawns ``worker`` once for all cases and asserts on the JSON it writes.
 """
 
@@ -27,6 +30,7 @@ BATCH_SIZE = 6
 N_MICROBATCHES = 4
 MODEL_SEED = 0
 BATCH_SEED = 1
+TINY_LAYERS = 4
 EMBED = "model.language_model.embed_tokens.weight"
 HEAD = "lm_head.weight"
 #: Batch fields that would give the items per sample; the pipeline must derive them instead.
@@ -65,6 +69,10 @@ class Case:
     seed: int = BATCH_SEED
     #: ``build_vlm_pipeline(layers_per_stage=)``; None: balanced.
     layers_per_stage: tuple[int, ...] | None = None
+    #: Decoder layers of the tiny model.
+    num_layers: int = TINY_LAYERS
+    #: Remove ``token_type_ids`` from the batch of both runs (plain causal masks).
+    drop_token_type_ids: bool = False
 
     @property
     def key(self) -> str:
@@ -74,10 +82,14 @@ class Case:
                 parts.append(flag)
         if self.drop_mm_token_type_ids:
             parts.append("no_mm_token_type_ids")
+        if self.drop_token_type_ids:
+            parts.append("no_token_type_ids")
         if self.sgd_steps:
             parts.append(f"sgd{self.sgd_steps}")
         if self.seed != BATCH_SEED:
             parts.append(f"seed{self.seed}")
+        if self.num_layers != TINY_LAYERS:
+            parts.append(f"{self.num_layers}layers")
         if self.layers_per_stage is not None:
             parts.append("layers" + "-".join(map(str, self.layers_per_stage)))
         return "/".join(parts)
@@ -104,6 +116,21 @@ def cases() -> list[Case]:
         Case("qwen2_vl", "1F1B", checkpoint=True),
         Case("qwen2_vl", "1F1B", tied=True, checkpoint=True),
         Case("qwen2_vl", "1F1B", misroute=True),
+        # Later families. GLM-4V: images only (transformers cannot mix images and videos in
+        # one GLM-4V forward). Gemma3 interleaved: 6 layers as 1, 2, 2, 1, so two stages
+        # hold a full layer followed by a sliding one (global layers 1, 2 and 3, 4). Gemma3
+        # tied: 2 SGD steps, not 3 (the ulp-level differences of each step grow about 3-4x
+        # a step there: gradients differ by 5.6e-8, 1.5e-7, then 6.2e-7 in the third step,
+        # too close to the 1e-6 tolerance).
+        Case("glm4v", "1F1B"),
+        Case("glm4v", "GPipe"),
+        Case("mistral3", "1F1B"),
+        Case("gemma3", "1F1B"),
+        Case("gemma3", "Interleaved1F1B", num_layers=6, layers_per_stage=(1, 2, 2, 1)),
+        Case("gemma3", "1F1B", drop_token_type_ids=True),
+        Case("gemma3", "1F1B", tied=True, sgd_steps=2),
+        Case("paligemma", "1F1B"),
+        Case("paligemma", "ZBVZeroBubble"),
     ]
     return result
 
@@ -151,6 +178,23 @@ def one_image_per_sample_batch(config: Any, seed: int) -> dict[str, torch.Tensor
     }
 
 
+def with_prompt_prefix(batch: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """PaliGemma's prefix-LM layout, as its processor emits it for a prompt and a suffix:
+    ``token_type_ids`` 0 on the prefix (the images and the prompt: here every token up to 2
+    after the last image, or the first 3 of a text-only sample) and on padding, 1 on the
+    suffix, which alone carries labels. ``synthetic_batch`` labels every text token, so its
+    ``token_type_ids`` are 1 everywhere and the prefix mask would never be exercised."""
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    positions = torch.arange(input_ids.shape[1])
+    token_type_ids = torch.zeros_like(input_ids)
+    for i in range(input_ids.shape[0]):
+        images = (input_ids[i] == config.image_token_id).nonzero()
+        prefix = int(images.max()) + 3 if len(images) else 3
+        token_type_ids[i] = ((positions >= prefix) & (attention_mask[i] == 1)).long()
+    labels = batch["labels"].masked_fill(token_type_ids == 0, -100)
+    return {**batch, "token_type_ids": token_type_ids, "labels": labels}
+
+
 def make_batch(config: Any, case: Case, seed: int) -> dict[str, torch.Tensor]:
     """The case's collated batch (what the reference model gets)."""
     from pp_media._cli.synthetic import default_seq_len, synthetic_batch
@@ -160,9 +204,22 @@ def make_batch(config: Any, case: Case, seed: int) -> dict[str, torch.Tensor]:
     videos = case.batch == "videos"
     max_images = 0 if case.batch == "text_only" else 3
     seq_len = default_seq_len(config, videos=videos)
-    return synthetic_batch(
+    batch = synthetic_batch(
         config, BATCH_SIZE, seq_len, seed=seed, max_images=max_images, videos=videos
     )
+    if config.model_type == "paligemma":
+        batch = with_prompt_prefix(batch, config)
+    if case.drop_token_type_ids:
+        del batch["token_type_ids"]
+    return batch
+
+
+def image_runs(input_ids: torch.Tensor, token_id: int) -> list[int]:
+    """Runs of placeholder tokens per sample: its images, as the synthetic rows separate
+    consecutive images by text or by start/end tokens."""
+    is_token = input_ids == token_id
+    starts = is_token & ~torch.nn.functional.pad(is_token, (1, 0))[:, :-1]
+    return starts.sum(1).tolist()
 
 
 def image_owners(batch: dict[str, torch.Tensor], config: Any) -> list[int]:
@@ -237,24 +294,58 @@ def _snapshot(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: value.clone() for name, value in batch.items()}
 
 
+def new_model(config: Any) -> Any:
+    """The case's random model. Gemma3's projector weight starts at zero, which would make
+    every vision-tower gradient zero and the vision half of the check vacuous: it gets small
+    random values from its own seeded generator instead."""
+    import transformers
+
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    if config.model_type == "gemma3":
+        weight = model.model.multi_modal_projector.mm_input_projection_weight
+        generator = torch.Generator().manual_seed(MODEL_SEED)
+        with torch.no_grad():
+            weight.copy_(0.02 * torch.randn(weight.shape, generator=generator))
+    return model
+
+
+def mask_effect(
+    reference: Any, batch: dict[str, torch.Tensor], ref_loss: float, ref_grads: dict[str, Any]
+) -> dict[str, float]:
+    """How far the unsplit model's loss and gradients move when ``token_type_ids`` are left
+    out (plain causal masks): what a pipeline that lost the bidirectional masks would be off
+    by. ``autograd.grad`` leaves the reference's ``.grad`` alone."""
+    params = dict(reference.named_parameters())
+    causal = {name: value for name, value in batch.items() if name != "token_type_ids"}
+    loss = reference(**causal).loss
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    grad = 0.0
+    for name, value in zip(params, grads, strict=True):
+        ref = ref_grads[name]
+        if value is not None and ref is not None:
+            grad = max(grad, (value - ref).abs().max().item())
+    return {"loss": abs(loss.item() - ref_loss), "grad": grad}
+
+
 def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
     """Build, step and compare; the per-rank result of ``case``."""
     import transformers
 
     from pp_media._cli.tiny_models import tiny_config
+    from pp_media._hf.families import adapter_for
     from pp_media._hf.pipeline import build_vlm_pipeline
 
-    config = tiny_config(case.model_type, tie_word_embeddings=case.tied)
+    config = tiny_config(case.model_type, num_layers=case.num_layers, tie_word_embeddings=case.tied)
     torch.manual_seed(MODEL_SEED)
     if case.checkpoint:
         path = Path(workdir, case.key.replace("/", "_"))
         if rank == 0:
-            transformers.AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+            new_model(config).save_pretrained(path)
         dist.barrier()
         reference = transformers.AutoModelForImageTextToText.from_pretrained(path)
         source: Any = str(path)
     else:
-        source = transformers.AutoModelForImageTextToText.from_config(config)
+        source = new_model(config)
         source.train()
         reference = copy.deepcopy(source)
     reference.train()
@@ -271,6 +362,8 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
     result: dict[str, Any] = {
         "case": asdict(case),
         "stages": [stage.stage_index for stage in pipe.stages],
+        "stage_layers": [list(stage.layer_indices) for stage in pipe.stages],
+        "layer_types": getattr(config.get_text_config(), "layer_types", None),
         "has_last_stage": pipe.has_last_stage,
         "names": sorted(named),
         "full_names": sorted(full),
@@ -281,6 +374,10 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
         is reference.get_input_embeddings().weight,
         "steps": [],
     }
+    # The vision encoder without a separate projector (Gemma3's zero-initialised projector
+    # weight gets gradients even while every vision-tower gradient is zero).
+    tower = adapter_for(config).vision_paths[0] + "."
+    vision_names = [name for name in full if name.startswith(tower)]
     sgd = case.sgd_steps > 0
     if sgd:
         ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
@@ -296,9 +393,16 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
             for kind in ("image", "video")
             if getattr(config, f"{kind}_token_id", None) is not None
         }
+        result["image_runs"] = image_runs(batch["input_ids"], config.image_token_id)
+        if "image_sizes" in batch:
+            result["image_sizes"] = batch["image_sizes"].tolist()
+        if "token_type_ids" in batch:
+            result["token_type_ids"] = batch["token_type_ids"].tolist()
         ref_loss = reference(**batch).loss
         ref_loss.backward()
         ref_grads = {name: p.grad for name, p in full.items()}
+        if step == 0 and "token_type_ids" in batch:
+            result["mask_effect"] = mask_effect(reference, batch, ref_loss.item(), ref_grads)
 
         pipe_batch = dict(batch)
         if case.drop_mm_token_type_ids:
@@ -313,6 +417,14 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
         }
         grad_err, grad_worst, grad_scale = _max_diff(named, ref_grads, grads=True)
         record.update(grad_err=grad_err, grad_worst=grad_worst, grad_scale=grad_scale)
+        record["ref_vision_grad"] = max(
+            (
+                ref_grads[name].abs().max().item()
+                for name in vision_names
+                if ref_grads[name] is not None
+            ),
+            default=0.0,
+        )
         record["missing_grads"] = sorted(
             name
             for name, p in named.items()

@@ -22,17 +22,51 @@ shared Parameter), each through 3 SGD steps; building from a ``save_pretrained``
 in the pipeline's batch only, and must fail the parity check by orders of magnitude: proof
 that the checks can fail.
 
+Later families, each under 1F1B on the same 6 samples in 4 microbatches (text-only samples,
+samples with several images): GLM-4V (flat patches + ``image_grid_thw``, its own M-RoPE;
+images only, as transformers cannot mix images and videos in one GLM-4V forward), also under
+GPipe; Mistral3/Pixtral (rows padded to the batch's largest image, true ``image_sizes``);
+Gemma3 (one row per image, ``token_type_ids`` 1 at the image tokens: bidirectional image
+blocks in full and sliding layers), also under Interleaved1F1B with 6 layers split 1, 2, 2, 1
+(stages holding a full then a sliding layer), without ``token_type_ids`` (plain causal masks
+in both runs) and tied through 2 SGD steps; PaliGemma (one row per image, 1-based positions,
+a bidirectional prefix where ``token_type_ids`` is 0), also under ZBVZeroBubble. Two
+adjustments keep these checks meaningful: Gemma3's projector weight, zero at init (which makes
+every vision-tower gradient zero), gets small seeded random values; and PaliGemma batches get
+a real prefix (images and prompt, no labels) and suffix, as its processor emits them, since
+``synthetic_batch`` labels every text token and so marks every token as suffix. Two checks
+show the data exercise what is compared: leaving ``token_type_ids`` out moves the unsplit
+Gemma3 / PaliGemma reference by far more than the tolerances (so a stage that lost the
+bidirectional masks would fail), and every case with images has vision-tower gradients far
+above the gradient tolerance.
+
 Tolerances, absolute, fp32: loss 5e-6, gradients 1e-6, parameters after SGD 1e-6. The pipeline
 computes the same token losses and the same per-sample forward, but sums in another order: the
 loss is a sum per microbatch divided by the whole batch's label tokens, then a sum across
 microbatches; each stage's gradients accumulate over microbatches instead of coming from one
 backward over the whole batch, and the rank-to-rank hops do not change values. That reorders
 fp32 additions and leaves a few ulps: the loss is about 6.9 (ulp 4.8e-7). Measured on torch
-2.13 CPU, transformers 5.24, the largest differences over all cases are 9.5e-7 for the loss
-(2 ulps), 8.9e-8 for any gradient entry (gradients up to 1.3 in magnitude) and 6.0e-8 for any
-parameter after 3 SGD steps at lr 0.5; the two copies of a tied embedding stay bit-for-bit
-equal. The misrouted image gives gradient differences of 2.4e-2 and a loss difference of
-4.6e-4.
+2.13 CPU, transformers 5.24 (``pytest -s`` prints the table per case):
+
+=====================================  =========  =========  ==========  =====================
+cases                                  loss       gradient   parameter   notes
+=====================================  =========  =========  ==========  =====================
+Qwen2-VL, Qwen2.5-VL, LLaVA (all)      9.5e-7     8.9e-8     6.0e-8      after 3 SGD steps
+GLM-4V (1F1B, GPipe)                   4.8e-7     2.6e-8
+Mistral3                               0          2.4e-8
+Gemma3 (1F1B, interleaved, causal)     0          7.5e-8
+Gemma3 tied, 2 SGD steps               9.5e-7     1.5e-7     1.2e-7      5.6e-8 at step 0
+PaliGemma (1F1B, ZBVZeroBubble)        1.4e-6     1.5e-8                 3 ulps of the loss
+=====================================  =========  =========  ==========  =====================
+
+Gradients are up to 1.3 in magnitude; the two copies of a tied embedding stay bit-for-bit
+equal. In tied Gemma3 the ulp-level differences left by each SGD step grow about 3-4x a step
+(gradients 5.6e-8, 1.5e-7, 6.2e-7 in steps 1-3): a third step comes too near the tolerance,
+hence 2 steps there. Leaving out ``token_type_ids`` moves the
+reference's loss by 7.4e-4 to 1.9e-3 (Gemma3) and 2.5e-4 (PaliGemma), its gradients by
+3.2e-2 to 4.3e-2 and 2.0e-3; the largest vision-tower gradient (encoder only) of a case is at
+least 5.5e-3 (PaliGemma; Gemma3, with the perturbed projector, at least 4.2e-2). The misrouted
+image gives gradient differences of 2.4e-2 and a loss difference of 4.6e-4.
 
 SGD, not AdamW, for the optimizer steps: Adam divides each update by sqrt(v), which turns the
 summation-order ulps of the tiniest gradients into update-sized differences; with AdamW at
@@ -57,12 +91,24 @@ PARAM_TOLERANCE = 1e-6
 #: The misrouted case must exceed the tolerances by at least these factors.
 MISROUTE_GRAD_FACTOR = 1000
 MISROUTE_LOSS_FACTOR = 10
+#: Leaving out ``token_type_ids`` must move the reference by at least these factors.
+MASK_GRAD_FACTOR = 1000
+MASK_LOSS_FACTOR = 10
+#: Every case with images must have a vision-tower gradient above this factor x tolerance.
+VISION_GRAD_FACTOR = 1000
 TIMEOUT_S = 240
 
 CASES = worker_module.cases()
 PARITY = [case for case in CASES if not case.misroute]
 TIED = [case for case in CASES if case.tied]
 (MISROUTE,) = [case for case in CASES if case.misroute]
+#: Cases whose batch carries ``token_type_ids`` (Gemma3, PaliGemma): bidirectional masks.
+MASKED = [
+    case
+    for case in PARITY
+    if case.model_type in ("gemma3", "paligemma") and not case.drop_token_type_ids
+]
+WITH_IMAGES = [case for case in PARITY if case.batch != "text_only"]
 
 
 def _free_port() -> int:
@@ -198,6 +244,38 @@ def test_tied_embedding_copies_stay_equal_through_sgd_steps(
                 assert record["shared"] is not split, f"{where}: one shared Parameter iff one rank"
 
 
+@pytest.mark.parametrize("case", MASKED, ids=[case.key for case in MASKED])
+def test_the_bidirectional_masks_matter_in_the_test_batch(
+    results: list[dict[str, Any]], case: worker_module.Case
+) -> None:
+    """Without ``token_type_ids`` (plain causal masks) the unsplit model's loss and gradients
+    move by orders of magnitude more than the tolerances, so these cases' parity with the
+    reference that has them proves every stage applied the bidirectional masks: a stage that
+    lost them would be off by this much."""
+    for rank, result in enumerate(_case(results, case.key)):
+        effect = result["mask_effect"]
+        assert effect["loss"] > MASK_LOSS_FACTOR * LOSS_TOLERANCE, (
+            f"rank {rank}: the masks move the loss by only {effect['loss']:.3e}"
+        )
+        assert effect["grad"] > MASK_GRAD_FACTOR * GRAD_TOLERANCE, (
+            f"rank {rank}: the masks move the gradients by only {effect['grad']:.3e}"
+        )
+
+
+@pytest.mark.parametrize("case", WITH_IMAGES, ids=[case.key for case in WITH_IMAGES])
+def test_the_vision_tower_gradients_are_large_enough_to_check(
+    results: list[dict[str, Any]], case: worker_module.Case
+) -> None:
+    """The reference's vision-tower gradients (the encoder, not a separate projector) are far
+    above the gradient tolerance, so their parity is not vacuous (Gemma3's zero-initialised
+    projector weight would make them all zero: the worker gives it random values)."""
+    for rank, result in enumerate(_case(results, case.key)):
+        for step, record in enumerate(result["steps"]):
+            assert record["ref_vision_grad"] > VISION_GRAD_FACTOR * GRAD_TOLERANCE, (
+                f"rank {rank}, step {step}: largest vision gradient {record['ref_vision_grad']:.3e}"
+            )
+
+
 def test_a_misrouted_image_fails_the_parity_check(results: list[dict[str, Any]]) -> None:
     """Two equal-grid images of different samples swapped in the pipeline's batch only:
     shapes, counts and placeholders all still agree, so only the comparison can notice."""
@@ -213,7 +291,11 @@ def test_a_misrouted_image_fails_the_parity_check(results: list[dict[str, Any]])
 
 def test_cases_cover_what_they_claim(results: list[dict[str, Any]]) -> None:
     """The batches hold what the case names say: text-only samples, videos beside images,
-    several LLaVA images in one sample, one 4-D LLaVA image per sample."""
+    several LLaVA images in one sample, one 4-D LLaVA image per sample; for the later families
+    several images in one sample, GLM-4V's flat patches without videos, Mistral3's padded rows
+    with their true ``image_sizes``, one Gemma3/PaliGemma row per image with ``token_type_ids``
+    (Gemma3: 1 exactly at the image tokens; PaliGemma: a 0 prefix and a 1 suffix in every
+    sample), and a Gemma3 stage holding a full and a sliding layer."""
     for case in PARITY:
         result = _case(results, case.key)[0]
         placeholders = result["placeholders"]
@@ -237,6 +319,38 @@ def test_cases_cover_what_they_claim(results: list[dict[str, Any]]) -> None:
             assert shapes["pixel_values"][0] > worker_module.BATCH_SIZE - sum(text_only)
         if case.drop_mm_token_type_ids:
             assert "mm_token_type_ids" in result["batch_keys"], "the reference gets them"
+        runs = result["image_runs"]
+        if case.model_type in ("glm4v", "mistral3", "gemma3", "paligemma"):
+            assert max(runs) > 1, f"{case.key}: some sample has several images"
+        if case.model_type == "glm4v":
+            assert len(shapes["pixel_values"]) == 2 and "image_grid_thw" in result["batch_keys"]
+            assert not any("video" in name for name in result["batch_keys"])
+        if case.model_type == "mistral3":
+            sizes = result["image_sizes"]
+            assert len(shapes["pixel_values"]) == 4
+            assert shapes["pixel_values"][0] == len(sizes) == sum(runs)
+            assert shapes["pixel_values"][2:] == [
+                max(s[0] for s in sizes),
+                max(s[1] for s in sizes),
+            ]
+            assert any(size != shapes["pixel_values"][2:] for size in sizes), "a padded row"
+        if case.model_type in ("gemma3", "paligemma"):
+            assert shapes["pixel_values"][0] == sum(runs), "one row per image"
+            has_types = "token_type_ids" in result["batch_keys"]
+            assert has_types is not case.drop_token_type_ids
+        if case.model_type == "gemma3" and not case.drop_token_type_ids:
+            ones = [sum(row) for row in result["token_type_ids"]]
+            assert ones == placeholders["image"], "token_type_ids 1 at the image tokens"
+        if case.model_type == "paligemma":
+            for row in result["token_type_ids"]:
+                assert row[0] == 0 and 1 in row, "a prefix (0) and a suffix (1)"
+        if case.model_type == "gemma3" and case.layers_per_stage is not None:
+            held = [
+                {result["layer_types"][i] for i in layers}
+                for rank_result in _case(results, case.key)
+                for layers in rank_result["stage_layers"]
+            ]
+            assert {"full_attention", "sliding_attention"} in held, held
         if case.batch == "videos" and case.seed == 3:
             bounds = [0, 2, 4, 5, 6]  # torch's split of 6 samples into 4 microbatches
             video_only = [
@@ -249,7 +363,10 @@ def test_cases_cover_what_they_claim(results: list[dict[str, Any]]) -> None:
 
 def test_measured_maxima(results: list[dict[str, Any]], capsys: pytest.CaptureFixture) -> None:
     """The largest differences per case, printed (``pytest -s``) for the docstring's numbers."""
-    lines = [f"{'case':50s} {'loss':>9s} {'grad':>9s} {'param':>9s}"]
+    lines = [
+        f"{'case':52s} {'loss':>9s} {'grad':>9s} {'param':>9s} {'|grad|':>9s} {'vision':>9s} "
+        f"{'mask l':>9s} {'mask g':>9s} {'s':>5s}"
+    ]
     worst = {"loss": 0.0, "grad": 0.0, "param": 0.0}
     for case in PARITY:
         per_rank = _case(results, case.key)
@@ -259,7 +376,16 @@ def test_measured_maxima(results: list[dict[str, Any]], capsys: pytest.CaptureFi
         param = max((step.get("param_err", 0.0) for step in steps), default=0.0)
         for name, value in (("loss", loss), ("grad", grad), ("param", param)):
             worst[name] = max(worst[name], value)
-        lines.append(f"{case.key:50s} {loss:9.2e} {grad:9.2e} {param:9.2e}")
+        scale = max(step["grad_scale"] for step in steps)
+        vision = max(step["ref_vision_grad"] for step in steps)
+        mask = per_rank[0].get("mask_effect", {"loss": 0.0, "grad": 0.0})
+        seconds = max(result["seconds"] for result in per_rank)
+        lines.append(
+            f"{case.key:52s} {loss:9.2e} {grad:9.2e} {param:9.2e} {scale:9.2e} {vision:9.2e} "
+            f"{mask['loss']:9.2e} {mask['grad']:9.2e} {seconds:5.2f}"
+        )
+    total = max(sum(r["seconds"] for r in rank.values() if "seconds" in r) for rank in results)
+    lines.append(f"{'all cases, one rank':52s} {total:.1f} s")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
     assert worst["loss"] <= LOSS_TOLERANCE, worst
