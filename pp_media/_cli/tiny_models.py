@@ -37,6 +37,17 @@ STEP3_GLOBAL_SIZE = 112
 SIGLIP_IMAGE_SIZE = 56
 
 
+def _small_vision(**extra: Any) -> dict[str, Any]:
+    """A 2-layer vision tower of width 32, plus the family's own fields."""
+    return {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        **extra,
+    }
+
+
 def tiny_model_types() -> tuple[str, ...]:
     return (
         "qwen2_vl",
@@ -167,28 +178,16 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
             tie_word_embeddings=tie_word_embeddings,
         )
     if model_type == "llava":
-        vision = {
-            "model_type": "clip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": LLAVA_IMAGE_SIZE,
-            "patch_size": 14,
-        }
+        vision = _small_vision(
+            model_type="clip_vision_model", image_size=LLAVA_IMAGE_SIZE, patch_size=14
+        )
         return transformers.LlavaConfig(
             vision_config=vision, text_config={**text, "model_type": "llama"}, **tokens
         )
     if model_type in ("gemma3", "paligemma"):
-        siglip = {
-            "model_type": "siglip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": SIGLIP_IMAGE_SIZE,
-            "patch_size": 14,
-        }
+        siglip = _small_vision(
+            model_type="siglip_vision_model", image_size=SIGLIP_IMAGE_SIZE, patch_size=14
+        )
         gemma = {**text, "head_dim": 16}
         if model_type == "paligemma":
             return transformers.PaliGemmaConfig(
@@ -211,14 +210,7 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
             **tokens,
         )
     if model_type in ("idefics3", "smolvlm"):
-        vision = {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": SIGLIP_IMAGE_SIZE,
-            "patch_size": 14,
-        }
+        vision = _small_vision(image_size=SIGLIP_IMAGE_SIZE, patch_size=14)
         config_class = (
             transformers.Idefics3Config if model_type == "idefics3" else transformers.SmolVLMConfig
         )
@@ -229,14 +221,9 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
             **tokens,
         )
     if model_type == "internvl":
-        vision = {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": [SIGLIP_IMAGE_SIZE, SIGLIP_IMAGE_SIZE],
-            "patch_size": [14, 14],
-        }
+        vision = _small_vision(
+            image_size=[SIGLIP_IMAGE_SIZE, SIGLIP_IMAGE_SIZE], patch_size=[14, 14]
+        )
         return transformers.InternVLConfig(
             vision_config=vision,
             text_config={**text, "model_type": "qwen2"},
@@ -244,14 +231,7 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
             **tokens,
         )
     if model_type == "kimi_k25":
-        vision = {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "pos_emb_height": 16,
-            "pos_emb_width": 16,
-        }
+        vision = _small_vision(pos_emb_height=16, pos_emb_width=16)
         deepseek = {
             **text,
             "model_type": "deepseek_v3",
@@ -278,14 +258,7 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
             **tokens,
         )
     if model_type == "step3p7":
-        vision = {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": STEP3_GLOBAL_SIZE,
-            "patch_size": 14,
-        }
+        vision = _small_vision(image_size=STEP3_GLOBAL_SIZE, patch_size=14)
         step3_text = {
             **text,
             "head_dim": 16,
@@ -302,16 +275,7 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
             vision_config=vision, text_config=step3_text, image_token_id=IMAGE_TOKEN
         )
     if model_type == "mistral3":
-        vision = {
-            "model_type": "pixtral",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": 112,
-            "patch_size": 14,
-            "head_dim": 16,
-        }
+        vision = _small_vision(model_type="pixtral", image_size=112, patch_size=14, head_dim=16)
         return transformers.Mistral3Config(
             vision_config=vision,
             text_config={**text, "model_type": "mistral", "head_dim": 16},

@@ -37,6 +37,25 @@ class MediaKind:
     rows_per_sample: bool = False
 
 
+#: Images as most processors emit them; a family adds what its feature method takes
+#: (``dataclasses.replace(IMAGES, feature_fields=("image_grid_thw",))``).
+IMAGES = MediaKind(
+    name="image",
+    pixel_field="pixel_values",
+    token_id_attr="image_token_id",
+    count_field="n_images_per_sample",
+    features_method="get_image_features",
+)
+VIDEOS = MediaKind(
+    name="video",
+    pixel_field="pixel_values_videos",
+    token_id_attr="video_token_id",
+    count_field="n_videos_per_sample",
+    features_method="get_video_features",
+    token_type=2,
+)
+
+
 def _flat(features: Any) -> torch.Tensor:
     """Per-item features (a tensor, or a list of per-item tensors) as ``[tokens, hidden]``."""
     if isinstance(features, (list, tuple)):

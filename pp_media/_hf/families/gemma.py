@@ -9,15 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pp_media._hf.families.base import FamilyAdapter, MediaKind
-
-IMAGES = MediaKind(
-    name="image",
-    pixel_field="pixel_values",
-    token_id_attr="image_token_id",
-    count_field="n_images_per_sample",
-    features_method="get_image_features",
-)
+from pp_media._hf.families.base import IMAGES, FamilyAdapter, MediaKind
 
 
 def _rows(media: Mapping[str, torch.Tensor], per_row: int) -> torch.Tensor:

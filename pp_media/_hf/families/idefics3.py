@@ -4,22 +4,16 @@ all-zero crops, and ``pixel_attention_mask`` travelling with them."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
 
-IMAGES = MediaKind(
-    name="image",
-    pixel_field="pixel_values",
-    token_id_attr="image_token_id",
-    count_field="n_images_per_sample",
-    features_method="get_image_features",
-    feature_fields=("pixel_attention_mask",),
-    rows_per_sample=True,
-)
+IMAGES = replace(base.IMAGES, feature_fields=("pixel_attention_mask",), rows_per_sample=True)
 
 
 def _real_crops(pixel_values: torch.Tensor) -> torch.Tensor:

@@ -8,18 +8,10 @@ from typing import Any
 
 import torch
 
-from pp_media._hf.families.base import FamilyAdapter, MediaKind
+from pp_media._hf.families.base import IMAGES, FamilyAdapter, MediaKind
 
 #: InternVL's tiles per image travel to the core as a ``[tiles, 1]`` grid: rows per item.
 TILE_GRID = "image_grid_hws"
-
-IMAGES = MediaKind(
-    name="image",
-    pixel_field="pixel_values",
-    token_id_attr="image_token_id",
-    count_field="n_images_per_sample",
-    features_method="get_image_features",
-)
 
 
 class InternVLAdapter(FamilyAdapter):

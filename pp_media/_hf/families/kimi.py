@@ -9,25 +9,7 @@ from typing import Any
 import torch
 
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
-
-IMAGES = MediaKind(
-    name="image",
-    pixel_field="pixel_values",
-    token_id_attr="image_token_id",
-    count_field="n_images_per_sample",
-    features_method="get_image_features",
-    feature_fields=("image_grid_thw",),
-)
-VIDEOS = MediaKind(
-    name="video",
-    pixel_field="pixel_values_videos",
-    token_id_attr="video_token_id",
-    count_field="n_videos_per_sample",
-    features_method="get_video_features",
-    feature_fields=("video_grid_thw",),
-    token_type=2,
-)
-_GRID = {"image": "image_grid_thw", "video": "video_grid_thw"}
+from pp_media._hf.families.qwen_vl import _GRID, IMAGES, VIDEOS
 
 
 class KimiK25Adapter(FamilyAdapter):

@@ -18,22 +18,17 @@ hands the engine only the text fields), so it is never split by rows.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
+from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind, _flat
 
-IMAGES = MediaKind(
-    name="image",
-    pixel_field="pixel_values",
-    token_id_attr="image_token_id",
-    count_field="n_images_per_sample",
-    features_method="get_image_features",
-    feature_fields=("image_sizes",),
-)
+IMAGES = replace(base.IMAGES, feature_fields=("image_sizes",))
 
 #: A one-character placeholder string: the length of ``replace_image_token``'s result is then
 #: the image's token count.

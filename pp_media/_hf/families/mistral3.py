@@ -4,20 +4,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
 
-IMAGES = MediaKind(
-    name="image",
-    pixel_field="pixel_values",
-    token_id_attr="image_token_id",
-    count_field="n_images_per_sample",
-    features_method="get_image_features",
-    feature_fields=("image_sizes",),
-)
+IMAGES = replace(base.IMAGES, feature_fields=("image_sizes",))
 
 
 class Mistral3Adapter(FamilyAdapter):

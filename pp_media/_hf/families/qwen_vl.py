@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
 
-IMAGES = MediaKind(
-    name="image",
-    pixel_field="pixel_values",
-    token_id_attr="image_token_id",
-    count_field="n_images_per_sample",
-    features_method="get_image_features",
-    feature_fields=("image_grid_thw",),
-    token_type=1,
-)
-VIDEOS = MediaKind(
-    name="video",
-    pixel_field="pixel_values_videos",
-    token_id_attr="video_token_id",
-    count_field="n_videos_per_sample",
-    features_method="get_video_features",
-    feature_fields=("video_grid_thw",),
-    token_type=2,
-)
+IMAGES = replace(base.IMAGES, feature_fields=("image_grid_thw",))
+VIDEOS = replace(base.VIDEOS, feature_fields=("video_grid_thw",))
 _GRID = {"image": "image_grid_thw", "video": "video_grid_thw"}
 _ROPE_FIELDS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 

@@ -6,21 +6,16 @@ Step3 path: ``pixel_values [B, C, S, S]``, ``pixel_values_local`` as ``patch_pix
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind, _flat
 
-IMAGES = MediaKind(
-    name="image",
-    pixel_field="pixel_values",
-    token_id_attr="image_token_id",
-    count_field="n_images_per_sample",
-    features_method="get_image_features",
-    rows_per_sample=True,
-)
+IMAGES = replace(base.IMAGES, rows_per_sample=True)
 #: Step3p7's processor names and the seed's Step3 names the core splits.
 _STEP3_NAMES = {
     "pixel_values_local": "patch_pixel_values",
