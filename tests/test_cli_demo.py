@@ -8,6 +8,7 @@ PASS verdict. A saved checkpoint directory runs through the same command.
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,19 @@ def test_demo_from_a_saved_checkpoint(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(_losses(result.stdout)) == 3
     assert f"PASS: qwen2_vl from {tmp_path}, ZBVZeroBubble" in result.stdout
+
+
+def test_demo_under_torchrun() -> None:
+    """What the README documents for NCCL on GPUs, here with gloo: each torchrun process is one
+    pipeline rank and global rank 0 prints the table."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    result = _run([*torchrun, "--master-port", str(port), "-m", "pp_media", "demo", "--steps", "2"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(_losses(result.stdout)) == 2
+    assert "PASS: tiny random qwen2_vl, 1F1B, 2 ranks" in result.stdout
 
 
 @pytest.mark.parametrize(
