@@ -35,7 +35,7 @@ def _is_tied(model: nn.Module, adapter: FamilyAdapter) -> bool:
     return head.weight is embed.weight
 
 
-def check_partition(model: nn.Module, stages: Sequence[nn.Module], tied: bool) -> None:
+def check_partition(model: nn.Module, stages: Sequence[nn.Module]) -> None:
     """Across all stages, every parameter of ``model`` is held exactly once (a tied LM head
     may repeat the embedding). Catches family adapters that miss or duplicate a part."""
     names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
@@ -144,7 +144,7 @@ class VLMPipeline:
 
 
 def _load_model_source(
-    model: nn.Module | str | os.PathLike[str], device: torch.device, dtype: torch.dtype | None
+    model: nn.Module | str | os.PathLike[str], dtype: torch.dtype | None
 ) -> tuple[nn.Module, Path | None]:
     """The model to prune: the given one, or a meta-device skeleton of a checkpoint directory."""
     if isinstance(model, nn.Module):
@@ -153,6 +153,37 @@ def _load_model_source(
 
     path = Path(model)
     return meta_skeleton(path, dtype), path
+
+
+def _local_tied_weight(stages: Sequence[VLMStage], adapter: FamilyAdapter) -> nn.Parameter | None:
+    """This rank's copy of a tied embedding matrix: stage 0's embedding, else the LM head."""
+    for stage in stages:
+        if stage.is_first:
+            return stage.get_submodule(adapter.text_model_path).embed_tokens.weight
+    for stage in stages:
+        if stage.is_last:
+            return stage.get_submodule(adapter.head_path).weight
+    return None
+
+
+def _torch_schedule(
+    layout: StageLayout,
+    stages: Sequence[VLMStage],
+    group: dist.ProcessGroup,
+    device: torch.device,
+    n_microbatches: int,
+    loss_fn: TokenSumCrossEntropy,
+) -> Any:
+    """torch's own stages and schedule; losses and gradients are not scaled by the schedule
+    (the loss is already normalised by the batch's label tokens)."""
+    pipeline_stages = [
+        PipelineStage(stage, stage.stage_index, layout.n_stages, device, group=group)
+        for stage in stages
+    ]
+    options: dict[str, Any] = {"loss_fn": loss_fn, "scale_grads": False}
+    if issubclass(layout.schedule_class, PipelineScheduleSingle):
+        return layout.schedule_class(pipeline_stages[0], n_microbatches, **options)
+    return layout.schedule_class(pipeline_stages, n_microbatches, **options)
 
 
 def build_vlm_pipeline(
@@ -186,7 +217,7 @@ def build_vlm_pipeline(
     global_ranks = dist.get_process_group_ranks(group)
     target_device = torch.device(device) if device is not None else _default_device()
 
-    source, checkpoint = _load_model_source(model, target_device, dtype)
+    source, checkpoint = _load_model_source(model, dtype)
     config = source.config
     adapter = adapter_for(config)
     n_layers = len(source.get_submodule(adapter.text_model_path).layers)
@@ -198,7 +229,7 @@ def build_vlm_pipeline(
         prune_to_stage(source, adapter, layout.layers[s], s == 0, s == last)
         for s in range(layout.n_stages)
     ]
-    check_partition(source, all_views, tied)
+    check_partition(source, all_views)
     local = layout.stages_of(pp_rank)
     stages = [
         VLMStage(
@@ -222,29 +253,14 @@ def build_vlm_pipeline(
     for stage in stages:
         stage.train()
 
-    local_tied_weight = None
-    if 0 in local:
-        local_tied_weight = (
-            stages[local.index(0)].get_submodule(adapter.text_model_path).embed_tokens.weight
-        )
-    elif last in local:
-        local_tied_weight = stages[local.index(last)].get_submodule(adapter.head_path).weight
     tied_sync = TiedEmbeddingSync.create(
-        tied, local_tied_weight, global_ranks[layout.rank_of(0)], global_ranks[layout.rank_of(last)]
+        tied,
+        _local_tied_weight(stages, adapter),
+        global_ranks[layout.rank_of(0)],
+        global_ranks[layout.rank_of(last)],
     )
-
     loss_fn = TokenSumCrossEntropy()
-    pipeline_stages = [
-        PipelineStage(stage, s, layout.n_stages, target_device, group=group)
-        for s, stage in zip(local, stages, strict=True)
-    ]
-    schedule_kwargs: dict[str, Any] = {"loss_fn": loss_fn, "scale_grads": False}
-    if issubclass(layout.schedule_class, PipelineScheduleSingle):
-        torch_schedule = layout.schedule_class(
-            pipeline_stages[0], n_microbatches, **schedule_kwargs
-        )
-    else:
-        torch_schedule = layout.schedule_class(pipeline_stages, n_microbatches, **schedule_kwargs)
+    torch_schedule = _torch_schedule(layout, stages, group, target_device, n_microbatches, loss_fn)
     return VLMPipeline(
         stages,
         torch_schedule,
