@@ -66,4 +66,12 @@ def adapter_for(config: Any) -> FamilyAdapter:
     return adapter
 
 
-__all__ = ["FamilyAdapter", "MediaKind", "adapter_for", "register_family", "supported_model_types"]
+__all__ = [
+    "FamilyAdapter",
+    "LlavaAdapter",
+    "MediaKind",
+    "QwenVLAdapter",
+    "adapter_for",
+    "register_family",
+    "supported_model_types",
+]
