@@ -8,24 +8,20 @@ forward received. ``test_staging_schedules.py`` spawns it once and asserts on th
 from __future__ import annotations
 
 import copy
-import json
-import os
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as torch_schedules
 
 import pp_media
+from tests.helpers.ranks import run_cases_on_rank
 
 VOCAB, HIDDEN, PATCH_DIM, IMAGE_TOKEN, SEQ = 32, 16, 12, 3, 40
 WORLD_SIZE = 2
@@ -397,21 +393,6 @@ def _expected_owners(spec: BatchSpec) -> list[list[int]]:
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    """Entry point of one rank (``torch.multiprocessing.spawn``)."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
-    results: dict[str, Any] = {}
-    try:
-        for schedule_name, mode, batch_name in cases():
-            key = f"{schedule_name}/{mode}/{batch_name}"
-            try:
-                results[key] = run_case(rank, schedule_name, mode, batch_name)
-            except Exception:
-                results[key] = {"error": traceback.format_exc()}
-                break  # the peer may now hang on a collective; stop both ranks here
-            dist.barrier()
-    finally:
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.destroy_process_group()
+    """Entry point of one rank (``torch.multiprocessing.spawn``): every case, in order."""
+    runs = (("/".join(case), partial(run_case, rank, *case)) for case in cases())
+    run_cases_on_rank(rank, port, out_dir, runs, world_size=WORLD_SIZE)

@@ -11,33 +11,38 @@ previous one (forward pre-hooks: how many tensors, and how large the carried dee
 features were), and for Qwen3-VL the reference's loss with deepstack switched off.
 ``test_hf_parity_deep.py`` spawns ``worker`` once for all cases and asserts on the JSON.
 
-Self-contained on purpose (it does not import ``hf_parity_worker``, which changes often).
+Self-contained on purpose (it does not import ``hf_parity_worker``, which changes often); the
+rank plumbing and the comparisons come from ``tests.helpers.ranks`` and ``tests.helpers.parity``.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
-import time
-import traceback
 from dataclasses import asdict, dataclass
-from datetime import timedelta
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from tests.helpers.parity import (
+    EMBED,
+    HEAD,
+    compare_step,
+    largest,
+    placeholder_runs,
+    quiet_transformers,
+    snapshot,
+    step_both_and_compare,
+    unchanged,
+)
+from tests.helpers.ranks import run_cases_on_rank
 
 WORLD_SIZE = 2
 BATCH_SIZE = 6
 N_MICROBATCHES = 4
 MODEL_SEED = 0
 SGD_LR = 0.5
-EMBED = "model.language_model.embed_tokens.weight"
-HEAD = "lm_head.weight"
-#: Batch fields that would give the items per sample; the pipeline must derive them instead.
-COUNT_FIELDS = ("n_images_per_sample", "n_videos_per_sample")
 
 
 @dataclass(frozen=True)
@@ -90,14 +95,6 @@ def cases() -> list[Case]:
 # --- what a batch holds --------------------------------------------------------------------
 
 
-def runs(input_ids: torch.Tensor, token_id: int) -> list[int]:
-    """Runs of ``token_id`` per sample (items, or Qwen3-VL video frames: the synthetic rows
-    separate consecutive runs by text or by vision start/end tokens)."""
-    is_token = input_ids == token_id
-    starts = is_token & ~torch.nn.functional.pad(is_token, (1, 0))[:, :-1]
-    return starts.sum(1).tolist()
-
-
 def describe_batch(batch: dict[str, torch.Tensor], config: Any) -> dict[str, Any]:
     """The facts about ``batch`` that the test checks the case's claims against."""
     from pp_media._core.bounds import sample_bounds
@@ -108,12 +105,12 @@ def describe_batch(batch: dict[str, torch.Tensor], config: Any) -> dict[str, Any
         "bounds": list(sample_bounds(input_ids.shape[0], N_MICROBATCHES)),
         "shapes": {name: list(value.shape) for name, value in batch.items()},
         "image_tokens": (input_ids == config.image_token_id).sum(1).tolist(),
-        "image_runs": runs(input_ids, config.image_token_id),
+        "image_runs": placeholder_runs(input_ids, config.image_token_id),
     }
     video_token = getattr(config, "video_token_id", None)
     if video_token is not None:
         info["video_tokens"] = (input_ids == video_token).sum(1).tolist()
-        info["video_runs"] = runs(input_ids, video_token)
+        info["video_runs"] = placeholder_runs(input_ids, video_token)
     for name in ("image_grid_thw", "video_grid_thw", "num_patches"):
         if name in batch:
             info[name] = batch[name].tolist()
@@ -125,31 +122,6 @@ def describe_batch(batch: dict[str, torch.Tensor], config: Any) -> dict[str, Any
 
 
 # --- comparisons -----------------------------------------------------------------------------
-
-
-def max_diff(
-    named: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor | None], grads: bool
-) -> tuple[float, str, float]:
-    """Largest |pipeline - reference| over ``named`` (gradients, or the values), the worst
-    parameter's name and the largest reference magnitude (None gradients count as zeros)."""
-    worst, worst_name, scale = 0.0, "", 0.0
-    for name, param in named.items():
-        ref = reference[name]
-        mine = param.grad if grads else param.detach()
-        if ref is None and mine is None:
-            continue
-        ref = torch.zeros_like(param) if ref is None else ref
-        mine = torch.zeros_like(param) if mine is None else mine
-        diff = (mine - ref).abs().max().item()
-        scale = max(scale, ref.abs().max().item())
-        if diff >= worst:
-            worst, worst_name = diff, name
-    return worst, worst_name, scale
-
-
-def largest(tensors: Any) -> float:
-    """Largest magnitude over ``tensors`` (None entries skipped); 0.0 for none."""
-    return max((t.abs().max().item() for t in tensors if t is not None), default=0.0)
 
 
 def tied_copies(pipe: Any) -> dict[str, Any]:
@@ -276,34 +248,19 @@ def run_case(rank: int, case: Case) -> dict[str, Any]:
         if step == 0 and adapter.layer_feature_count(config):
             result["deepstack_off_loss"] = deepstack_off_loss(reference, batch)
 
-        before = {name: value.clone() for name, value in batch.items()}
+        before = snapshot(batch)
         received = Received(pipe)
         loss = pipe.step(batch)
-        record: dict[str, Any] = {"received": received.remove()}
-        record["batch_unchanged"] = sorted(batch) == sorted(before) and all(
-            torch.equal(batch[name], value) for name, value in before.items()
-        )
-        grad_err, grad_worst, grad_scale = max_diff(named, ref_grads, grads=True)
-        record.update(grad_err=grad_err, grad_worst=grad_worst, grad_scale=grad_scale)
+        record = compare_step(named, ref_grads, loss, ref_loss)
+        record["received"] = received.remove()
+        record["batch_unchanged"] = unchanged(batch, before)
         record["compared"] = len(named)
-        record["missing_grads"] = sorted(
-            name
-            for name, p in named.items()
-            if p.grad is None and ref_grads[name] is not None and bool(ref_grads[name].any())
-        )
         record["ref_vision_grad"] = largest(ref_grads[name] for name in vision_names)
         record["vision_grad"] = largest(named[n].grad for n in vision_names if n in named)
         record["ref_deepstack_grad"] = largest(ref_grads[name] for name in deepstack_names)
         record["deepstack_grad"] = largest(named[n].grad for n in deepstack_names if n in named)
-        if loss is not None:
-            record.update(loss=loss.item(), ref_loss=ref_loss.item())
         if case.sgd_steps:
-            ref_optimizer.step()
-            optimizer.step()
-            ref_values = {name: p.detach() for name, p in full.items()}
-            record["param_err"], record["param_worst"], _ = max_diff(named, ref_values, False)
-            ref_optimizer.zero_grad()
-            optimizer.zero_grad()
+            record.update(step_both_and_compare(ref_optimizer, optimizer, named, full))
         if case.tied:
             record.update(tied_copies(pipe))
         result["steps"].append(record)
@@ -312,27 +269,6 @@ def run_case(rank: int, case: Case) -> dict[str, Any]:
 
 def worker(rank: int, port: int, out_dir: str) -> None:
     """Entry point of one rank (``torch.multiprocessing`` spawn): every case, in order."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
-    results: dict[str, Any] = {}
-    out = Path(out_dir, f"rank{rank}.json")
-    try:
-        for case in cases():
-            started = time.perf_counter()
-            try:
-                results[case.key] = run_case(rank, case)
-            except Exception:
-                results[case.key] = {"error": traceback.format_exc()}
-                break  # the peer may now wait in send/recv; stop both ranks here
-            results[case.key]["seconds"] = time.perf_counter() - started
-            out.write_text(json.dumps(results))
-            dist.barrier()
-    finally:
-        out.write_text(json.dumps(results))
-        dist.destroy_process_group()
+    quiet_transformers()
+    runs = ((case.key, partial(run_case, rank, case)) for case in cases())
+    run_cases_on_rank(rank, port, out_dir, runs, world_size=WORLD_SIZE)

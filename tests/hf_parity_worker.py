@@ -13,17 +13,26 @@ bidirectional mask would make.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import time
-import traceback
 from dataclasses import asdict, dataclass
-from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from tests.helpers.parity import (
+    EMBED,
+    HEAD,
+    compare_step,
+    largest,
+    placeholder_runs,
+    quiet_transformers,
+    snapshot,
+    step_both_and_compare,
+    unchanged,
+)
+from tests.helpers.ranks import run_cases_on_rank
 
 WORLD_SIZE = 2
 BATCH_SIZE = 6
@@ -31,10 +40,6 @@ N_MICROBATCHES = 4
 MODEL_SEED = 0
 BATCH_SEED = 1
 TINY_LAYERS = 4
-EMBED = "model.language_model.embed_tokens.weight"
-HEAD = "lm_head.weight"
-#: Batch fields that would give the items per sample; the pipeline must derive them instead.
-COUNT_FIELDS = ("n_images_per_sample", "n_videos_per_sample")
 SCHEDULES = (
     "GPipe",
     "1F1B",
@@ -214,14 +219,6 @@ def make_batch(config: Any, case: Case, seed: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def image_runs(input_ids: torch.Tensor, token_id: int) -> list[int]:
-    """Runs of placeholder tokens per sample: its images, as the synthetic rows separate
-    consecutive images by text or by start/end tokens."""
-    is_token = input_ids == token_id
-    starts = is_token & ~torch.nn.functional.pad(is_token, (1, 0))[:, :-1]
-    return starts.sum(1).tolist()
-
-
 def image_owners(batch: dict[str, torch.Tensor], config: Any) -> list[int]:
     """The sample each Qwen image belongs to (images fill samples' placeholders in order)."""
     merge = config.vision_config.spatial_merge_size
@@ -256,26 +253,6 @@ def misrouted(batch: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Te
 # --- one case ----------------------------------------------------------------------------
 
 
-def _max_diff(
-    named: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor | None], grads: bool
-) -> tuple[float, str, float]:
-    """Largest |pipeline - reference| over ``named`` (gradients, or the values), the worst
-    parameter's name and the largest reference magnitude (None gradients count as zeros)."""
-    worst, worst_name, scale = 0.0, "", 0.0
-    for name, param in named.items():
-        ref = reference[name]
-        mine = param.grad if grads else param.detach()
-        if ref is None and mine is None:
-            continue
-        ref = torch.zeros_like(param) if ref is None else ref
-        mine = torch.zeros_like(param) if mine is None else mine
-        diff = (mine - ref).abs().max().item()
-        scale = max(scale, ref.abs().max().item())
-        if diff >= worst:
-            worst, worst_name = diff, name
-    return worst, worst_name, scale
-
-
 def _tied_copies(pipe: Any) -> dict[str, Any]:
     """Whether this rank's embedding copy and the LM head copy are equal, bit for bit: the
     same Parameter when both stages are local, else compared through an all_gather."""
@@ -288,10 +265,6 @@ def _tied_copies(pipe: Any) -> dict[str, Any]:
     if EMBED in named and HEAD in named:
         return {"copies_equal": named[EMBED] is named[HEAD], "shared": named[EMBED] is named[HEAD]}
     return {}
-
-
-def _snapshot(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: value.clone() for name, value in batch.items()}
 
 
 def new_model(config: Any) -> Any:
@@ -393,7 +366,7 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
             for kind in ("image", "video")
             if getattr(config, f"{kind}_token_id", None) is not None
         }
-        result["image_runs"] = image_runs(batch["input_ids"], config.image_token_id)
+        result["image_runs"] = placeholder_runs(batch["input_ids"], config.image_token_id)
         if "image_sizes" in batch:
             result["image_sizes"] = batch["image_sizes"].tolist()
         if "token_type_ids" in batch:
@@ -409,36 +382,13 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
             del pipe_batch["mm_token_type_ids"]
         if case.misroute:
             pipe_batch = misrouted(pipe_batch, config)
-        before = _snapshot(pipe_batch)
+        before = snapshot(pipe_batch)
         loss = pipe.step(pipe_batch)
-        record: dict[str, Any] = {
-            "batch_unchanged": sorted(pipe_batch) == sorted(before)
-            and all(torch.equal(pipe_batch[k], v) for k, v in before.items()),
-        }
-        grad_err, grad_worst, grad_scale = _max_diff(named, ref_grads, grads=True)
-        record.update(grad_err=grad_err, grad_worst=grad_worst, grad_scale=grad_scale)
-        record["ref_vision_grad"] = max(
-            (
-                ref_grads[name].abs().max().item()
-                for name in vision_names
-                if ref_grads[name] is not None
-            ),
-            default=0.0,
-        )
-        record["missing_grads"] = sorted(
-            name
-            for name, p in named.items()
-            if p.grad is None and ref_grads[name] is not None and bool(ref_grads[name].any())
-        )
-        if loss is not None:
-            record.update(loss=loss.item(), ref_loss=ref_loss.item())
+        record = compare_step(named, ref_grads, loss, ref_loss)
+        record["batch_unchanged"] = unchanged(pipe_batch, before)
+        record["ref_vision_grad"] = largest(ref_grads[name] for name in vision_names)
         if sgd:
-            ref_optimizer.step()
-            optimizer.step()
-            ref_values = {name: p.detach() for name, p in full.items()}
-            record["param_err"], record["param_worst"], _ = _max_diff(named, ref_values, False)
-            ref_optimizer.zero_grad()
-            optimizer.zero_grad()
+            record.update(step_both_and_compare(ref_optimizer, optimizer, named, full))
         if case.tied:
             record.update(_tied_copies(pipe))
         result["steps"].append(record)
@@ -447,27 +397,6 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
 
 def worker(rank: int, port: int, out_dir: str) -> None:
     """Entry point of one rank (``torch.multiprocessing`` spawn): every case, in order."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
-    results: dict[str, Any] = {}
-    out = Path(out_dir, f"rank{rank}.json")
-    try:
-        for case in cases():
-            started = time.perf_counter()
-            try:
-                results[case.key] = run_case(rank, case, out_dir)
-            except Exception:
-                results[case.key] = {"error": traceback.format_exc()}
-                break  # the peer may now wait in send/recv; stop both ranks here
-            results[case.key]["seconds"] = time.perf_counter() - started
-            out.write_text(json.dumps(results))
-            dist.barrier()
-    finally:
-        out.write_text(json.dumps(results))
-        dist.destroy_process_group()
+    quiet_transformers()
+    runs = ((case.key, partial(run_case, rank, case, out_dir)) for case in cases())
+    run_cases_on_rank(rank, port, out_dir, runs, world_size=WORLD_SIZE)

@@ -20,17 +20,14 @@ gradients at most 1.2e-7 (LLaVA-NeXT), 3.0e-8 and 6.0e-8 (OneVision 1F1B, Interl
 from __future__ import annotations
 
 import copy
-import json
-import os
-import socket
-import traceback
-from datetime import timedelta
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from tests.helpers.parity import largest, max_abs_diff, placeholder_runs, quiet_transformers
+from tests.helpers.ranks import case_results, run_cases_on_rank, spawn_ranks
 
 BATCH_SIZE = 6
 N_MICROBATCHES = 4
@@ -52,9 +49,7 @@ PARITY_CASES = (
 
 def _setup() -> None:
     torch.set_num_threads(1)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    quiet_transformers()
 
 
 def _model(model_type: str) -> tuple[Any, Any]:
@@ -77,9 +72,7 @@ def _batch(config: Any, seed: int) -> dict[str, torch.Tensor]:
 
 def _images_per_sample(batch: dict[str, torch.Tensor], config: Any) -> list[int]:
     """Placeholder runs per sample (the synthetic rows put text between images)."""
-    is_token = batch["input_ids"] == config.image_token_id
-    starts = is_token & ~torch.nn.functional.pad(is_token, (1, 0))[:, :-1]
-    return starts.sum(1).tolist()
+    return placeholder_runs(batch["input_ids"], config.image_token_id)
 
 
 # --- single process -----------------------------------------------------------------------
@@ -177,24 +170,6 @@ def test_onevision_rejects_a_batch_num_images_that_does_not_match_the_samples() 
 # --- two gloo ranks ---------------------------------------------------------------------------
 
 
-def _max_grad_diff(
-    named: dict[str, Any], reference: dict[str, Any]
-) -> tuple[float, str, list[str]]:
-    worst, worst_name, missing = 0.0, "", []
-    for name, param in named.items():
-        ref, mine = reference[name], param.grad
-        if ref is None and mine is None:
-            continue
-        if mine is None:
-            missing.append(name)
-            continue
-        ref = torch.zeros_like(mine) if ref is None else ref
-        diff = (mine - ref).abs().max().item()
-        if diff >= worst:
-            worst, worst_name = diff, name
-    return worst, worst_name, missing
-
-
 def _run_case(model_type: str, schedule: str, seed: int) -> dict[str, Any]:
     from pp_media._hf.pipeline import build_vlm_pipeline
 
@@ -210,12 +185,9 @@ def _run_case(model_type: str, schedule: str, seed: int) -> dict[str, Any]:
     )
     loss = pipe.step(dict(batch))
     named = pipe.named_parameters()
-    grad_err, grad_worst, missing = _max_grad_diff(named, ref_grads)
-    vision = [
-        ref_grads[name].abs().max().item()
-        for name in named
-        if name.startswith("model.vision_tower.") and ref_grads[name] is not None
-    ]
+    grad_err, grad_worst, _ = max_abs_diff(named, ref_grads, grads=True)
+    # Missing: no gradient where the reference has one, even an all-zero one.
+    missing = [name for name, p in named.items() if p.grad is None and ref_grads[name] is not None]
     return {
         "names": sorted(named),
         "full_names": sorted(full),
@@ -224,53 +196,32 @@ def _run_case(model_type: str, schedule: str, seed: int) -> dict[str, Any]:
         "grad_err": grad_err,
         "grad_worst": grad_worst,
         "missing": missing,
-        "vision_grad": max(vision, default=0.0),
+        "vision_grad": largest(
+            ref_grads[name] for name in named if name.startswith("model.vision_tower.")
+        ),
         "images": _images_per_sample(batch, config),
     }
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    _setup()
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    results: dict[str, Any] = {}
-    try:
-        for model_type, schedule, seed in PARITY_CASES:
-            key = f"{model_type}/{schedule}/{seed}"
-            try:
-                results[key] = _run_case(model_type, schedule, seed)
-            except Exception:
-                results[key] = {"error": traceback.format_exc()}
-                break  # the peer may wait in send/recv: stop both ranks
-            dist.barrier()
-    finally:
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """Entry point of one rank (``torch.multiprocessing`` spawn): every parity case, in order."""
+    quiet_transformers()
+    runs = (
+        (f"{model_type}/{schedule}/{seed}", partial(_run_case, model_type, schedule, seed))
+        for model_type, schedule, seed in PARITY_CASES
+    )
+    run_cases_on_rank(rank, port, out_dir, runs, world_size=2)
 
 
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out_dir = tmp_path_factory.mktemp("llava_next_parity")
-    context = mp.start_processes(
-        worker, args=(_free_port(), str(out_dir)), nprocs=2, join=False, start_method="spawn"
+    return spawn_ranks(
+        worker,
+        tmp_path_factory.mktemp("llava_next_parity"),
+        world_size=2,
+        timeout_s=TIMEOUT_S,
+        what="the 2-rank run",
     )
-    for _ in range(TIMEOUT_S):
-        if context.join(timeout=1):
-            break
-    else:
-        for process in context.processes:
-            process.kill()
-        pytest.fail(f"the 2-rank run did not finish within {TIMEOUT_S} s")
-    return [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
 @pytest.mark.parametrize(
@@ -282,10 +233,7 @@ def test_pipelined_step_equals_the_unsplit_model(
     parity: list[dict[str, Any]], model_type: str, schedule: str, seed: int
 ) -> None:
     key = f"{model_type}/{schedule}/{seed}"
-    per_rank = [results.get(key) for results in parity]
-    for rank, result in enumerate(per_rank):
-        assert result is not None, f"rank {rank} did not run {key}"
-        assert "error" not in result, f"rank {rank}:\n{result['error']}"
+    per_rank = case_results(parity, key)
     images = per_rank[0]["images"]
     assert images[0] == 0 and max(images) >= 2 and 1 in images, images
     microbatches = _microbatches(images)

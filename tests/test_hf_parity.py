@@ -76,14 +76,13 @@ three (measured), which would hide real errors of that size. SGD keeps the check
 
 from __future__ import annotations
 
-import json
-import socket
-from pathlib import Path
 from typing import Any
 
 import hf_parity_worker as worker_module
 import pytest
-import torch.multiprocessing as mp
+
+from tests.helpers.parity import COUNT_FIELDS, largest_differences, loss_errors
+from tests.helpers.ranks import case_results, spawn_ranks
 
 LOSS_TOLERANCE = 5e-6
 GRAD_TOLERANCE = 1e-6
@@ -111,66 +110,27 @@ MASKED = [
 WITH_IMAGES = [case for case in PARITY if case.batch != "text_only"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Run every case on 2 ranks once; per rank, {case key: result}."""
-    out_dir = tmp_path_factory.mktemp("hf_parity")
-    context = mp.start_processes(
+    return spawn_ranks(
         worker_module.worker,
-        args=(_free_port(), str(out_dir)),
-        nprocs=worker_module.WORLD_SIZE,
-        join=False,
-        start_method="spawn",
+        tmp_path_factory.mktemp("hf_parity"),
+        world_size=worker_module.WORLD_SIZE,
+        timeout_s=TIMEOUT_S,
+        what="the distributed parity run",
     )
-    for _ in range(TIMEOUT_S):
-        if context.join(timeout=1):
-            break
-    else:
-        for process in context.processes:
-            process.kill()
-        pytest.fail(f"the distributed parity run did not finish within {TIMEOUT_S} s")
-    return [
-        json.loads(Path(out_dir, f"rank{rank}.json").read_text())
-        for rank in range(worker_module.WORLD_SIZE)
-    ]
-
-
-def _case(results: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    per_rank = [rank_results.get(key) for rank_results in results]
-    for rank, result in enumerate(per_rank):
-        assert result is not None, f"rank {rank} did not run {key} (an earlier case failed?)"
-        assert "error" not in result, f"rank {rank} failed {key}:\n{result['error']}"
-    return per_rank
-
-
-def _loss_errors(per_rank: list[dict[str, Any]]) -> list[float]:
-    """Per step, |pipeline loss - reference loss| from the one rank that returned a loss."""
-    holders = [r for r in per_rank if r["has_last_stage"]]
-    assert len(holders) == 1, "exactly one rank holds the last stage"
-    (holder,) = holders
-    for rank, result in enumerate(per_rank):
-        returned = ["loss" in step for step in result["steps"]]
-        assert all(returned) if result["has_last_stage"] else not any(returned), (
-            f"rank {rank}: step() returns the loss exactly on the last stage's rank"
-        )
-    return [abs(step["loss"] - step["ref_loss"]) for step in holder["steps"]]
 
 
 @pytest.mark.parametrize("case", PARITY, ids=[case.key for case in PARITY])
 def test_loss_and_every_gradient_match_the_unsplit_model(
     results: list[dict[str, Any]], case: worker_module.Case
 ) -> None:
-    per_rank = _case(results, case.key)
-    for step, error in enumerate(_loss_errors(per_rank)):
+    per_rank = case_results(results, case.key)
+    for step, error in enumerate(loss_errors(per_rank)):
         assert error <= LOSS_TOLERANCE, f"step {step}: |loss - reference| = {error:.3e}"
     for rank, result in enumerate(per_rank):
-        assert not set(worker_module.COUNT_FIELDS) & set(result["batch_keys"]), (
+        assert not set(COUNT_FIELDS) & set(result["batch_keys"]), (
             "the batch must leave the items per sample to the pipeline"
         )
         for step, record in enumerate(result["steps"]):
@@ -189,7 +149,7 @@ def test_loss_and_every_gradient_match_the_unsplit_model(
 def test_each_rank_holds_only_its_share_and_together_the_whole_model(
     results: list[dict[str, Any]], case: worker_module.Case
 ) -> None:
-    per_rank = _case(results, case.key)
+    per_rank = case_results(results, case.key)
     full = set(per_rank[0]["full_names"])
     held = [set(result["names"]) for result in per_rank]
     for rank, result in enumerate(per_rank):
@@ -214,7 +174,7 @@ def test_tied_embedding_copies_stay_equal_through_sgd_steps(
     holds a copy whose gradients are all-reduced (``pipe.tied.active``), with both on one rank
     they are one Parameter. After every SGD step, loss and every parameter match the reference
     and the copies are bitwise equal."""
-    per_rank = _case(results, case.key)
+    per_rank = case_results(results, case.key)
     embed, head = worker_module.EMBED, worker_module.HEAD
     split = case.schedule not in ("ZBVZeroBubble", "DualPipeV")
     for rank, result in enumerate(per_rank):
@@ -229,7 +189,7 @@ def test_tied_embedding_copies_stay_equal_through_sgd_steps(
         assert holders == {embed: [0], head: [1]}
     else:
         assert holders == {embed: [0], head: [0]}
-    for step, error in enumerate(_loss_errors(per_rank)):
+    for step, error in enumerate(loss_errors(per_rank)):
         assert error <= LOSS_TOLERANCE, f"step {step}: |loss - reference| = {error:.3e}"
     for rank, result in enumerate(per_rank):
         for step, record in enumerate(result["steps"]):
@@ -252,7 +212,7 @@ def test_the_bidirectional_masks_matter_in_the_test_batch(
     move by orders of magnitude more than the tolerances, so these cases' parity with the
     reference that has them proves every stage applied the bidirectional masks: a stage that
     lost them would be off by this much."""
-    for rank, result in enumerate(_case(results, case.key)):
+    for rank, result in enumerate(case_results(results, case.key)):
         effect = result["mask_effect"]
         assert effect["loss"] > MASK_LOSS_FACTOR * LOSS_TOLERANCE, (
             f"rank {rank}: the masks move the loss by only {effect['loss']:.3e}"
@@ -269,7 +229,7 @@ def test_the_vision_tower_gradients_are_large_enough_to_check(
     """The reference's vision-tower gradients (the encoder, not a separate projector) are far
     above the gradient tolerance, so their parity is not vacuous (Gemma3's zero-initialised
     projector weight would make them all zero: the worker gives it random values)."""
-    for rank, result in enumerate(_case(results, case.key)):
+    for rank, result in enumerate(case_results(results, case.key)):
         for step, record in enumerate(result["steps"]):
             assert record["ref_vision_grad"] > VISION_GRAD_FACTOR * GRAD_TOLERANCE, (
                 f"rank {rank}, step {step}: largest vision gradient {record['ref_vision_grad']:.3e}"
@@ -279,8 +239,8 @@ def test_the_vision_tower_gradients_are_large_enough_to_check(
 def test_a_misrouted_image_fails_the_parity_check(results: list[dict[str, Any]]) -> None:
     """Two equal-grid images of different samples swapped in the pipeline's batch only:
     shapes, counts and placeholders all still agree, so only the comparison can notice."""
-    per_rank = _case(results, MISROUTE.key)
-    (loss_error,) = _loss_errors(per_rank)
+    per_rank = case_results(results, MISROUTE.key)
+    (loss_error,) = loss_errors(per_rank)
     assert loss_error > MISROUTE_LOSS_FACTOR * LOSS_TOLERANCE, f"loss error {loss_error:.3e}"
     for rank, result in enumerate(per_rank):
         (record,) = result["steps"]
@@ -297,7 +257,7 @@ def test_cases_cover_what_they_claim(results: list[dict[str, Any]]) -> None:
     (Gemma3: 1 exactly at the image tokens; PaliGemma: a 0 prefix and a 1 suffix in every
     sample), and a Gemma3 stage holding a full and a sliding layer."""
     for case in PARITY:
-        result = _case(results, case.key)[0]
+        result = case_results(results, case.key)[0]
         placeholders = result["placeholders"]
         kinds = list(placeholders.values())
         text_only = [not any(kind[i] for kind in kinds) for i in range(worker_module.BATCH_SIZE)]
@@ -347,7 +307,7 @@ def test_cases_cover_what_they_claim(results: list[dict[str, Any]]) -> None:
         if case.model_type == "gemma3" and case.layers_per_stage is not None:
             held = [
                 {result["layer_types"][i] for i in layers}
-                for rank_result in _case(results, case.key)
+                for rank_result in case_results(results, case.key)
                 for layers in rank_result["stage_layers"]
             ]
             assert {"full_attention", "sliding_attention"} in held, held
@@ -369,13 +329,12 @@ def test_measured_maxima(results: list[dict[str, Any]], capsys: pytest.CaptureFi
     ]
     worst = {"loss": 0.0, "grad": 0.0, "param": 0.0}
     for case in PARITY:
-        per_rank = _case(results, case.key)
-        loss = max(_loss_errors(per_rank))
-        steps = [step for result in per_rank for step in result["steps"]]
-        grad = max(step["grad_err"] for step in steps)
-        param = max((step.get("param_err", 0.0) for step in steps), default=0.0)
-        for name, value in (("loss", loss), ("grad", grad), ("param", param)):
+        per_rank = case_results(results, case.key)
+        differences = largest_differences(per_rank)
+        for name, value in differences.items():
             worst[name] = max(worst[name], value)
+        loss, grad, param = differences["loss"], differences["grad"], differences["param"]
+        steps = [step for result in per_rank for step in result["steps"]]
         scale = max(step["grad_scale"] for step in steps)
         vision = max(step["ref_vision_grad"] for step in steps)
         mask = per_rank[0].get("mask_effect", {"loss": 0.0, "grad": 0.0})

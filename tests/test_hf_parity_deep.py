@@ -58,14 +58,13 @@ copies of the tied embedding stay bit-for-bit equal. ``pytest -s`` prints the ta
 
 from __future__ import annotations
 
-import json
-import socket
-from pathlib import Path
 from typing import Any
 
 import hf_parity_deep_worker as worker_module
 import pytest
-import torch.multiprocessing as mp
+
+from tests.helpers.parity import COUNT_FIELDS, largest_differences, last_stage_result, loss_errors
+from tests.helpers.ranks import case_results, spawn_ranks
 
 LOSS_TOLERANCE = 5e-6
 GRAD_TOLERANCE = 1e-6
@@ -83,59 +82,16 @@ TIED = [case for case in CASES if case.tied]
 N = worker_module.N_MICROBATCHES
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Run every case on 2 ranks once; per rank, {case key: result}."""
-    out_dir = tmp_path_factory.mktemp("hf_parity_deep")
-    context = mp.start_processes(
+    return spawn_ranks(
         worker_module.worker,
-        args=(_free_port(), str(out_dir)),
-        nprocs=worker_module.WORLD_SIZE,
-        join=False,
-        start_method="spawn",
+        tmp_path_factory.mktemp("hf_parity_deep"),
+        world_size=worker_module.WORLD_SIZE,
+        timeout_s=TIMEOUT_S,
+        what="the distributed parity run",
     )
-    for _ in range(TIMEOUT_S):
-        if context.join(timeout=1):
-            break
-    else:
-        for process in context.processes:
-            process.kill()
-        pytest.fail(f"the distributed parity run did not finish within {TIMEOUT_S} s")
-    return [
-        json.loads(Path(out_dir, f"rank{rank}.json").read_text())
-        for rank in range(worker_module.WORLD_SIZE)
-    ]
-
-
-def _case(results: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    per_rank = [rank_results.get(key) for rank_results in results]
-    for rank, result in enumerate(per_rank):
-        assert result is not None, f"rank {rank} did not run {key} (an earlier case failed?)"
-        assert "error" not in result, f"rank {rank} failed {key}:\n{result['error']}"
-    return per_rank
-
-
-def _holder(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-    """The result of the one rank holding the last stage (the only one given a loss)."""
-    holders = [result for result in per_rank if result["has_last_stage"]]
-    assert len(holders) == 1, "exactly one rank holds the last stage"
-    for rank, result in enumerate(per_rank):
-        returned = ["loss" in step for step in result["steps"]]
-        assert all(returned) if result["has_last_stage"] else not any(returned), (
-            f"rank {rank}: step() returns the loss exactly on the last stage's rank"
-        )
-    return holders[0]
-
-
-def _loss_errors(per_rank: list[dict[str, Any]]) -> list[float]:
-    """Per step, |pipeline loss - reference loss|."""
-    return [abs(step["loss"] - step["ref_loss"]) for step in _holder(per_rank)["steps"]]
 
 
 def _media_microbatches(batch: dict[str, Any]) -> list[bool]:
@@ -163,11 +119,11 @@ def _microbatch_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_loss_and_every_gradient_match_the_unsplit_model(
     results: list[dict[str, Any]], case: worker_module.Case
 ) -> None:
-    per_rank = _case(results, case.key)
-    for step, error in enumerate(_loss_errors(per_rank)):
+    per_rank = case_results(results, case.key)
+    for step, error in enumerate(loss_errors(per_rank)):
         assert error <= LOSS_TOLERANCE, f"step {step}: |loss - reference| = {error:.3e}"
     for rank, result in enumerate(per_rank):
-        assert not set(worker_module.COUNT_FIELDS) & set(result["batch"]["keys"]), (
+        assert not set(COUNT_FIELDS) & set(result["batch"]["keys"]), (
             "the batch must leave the items per sample to the pipeline"
         )
         for step, record in enumerate(result["steps"]):
@@ -195,7 +151,7 @@ def test_the_vision_tower_gradients_are_exercised(
     """The reference's and the pipeline's vision-tower gradients (on stage 0's rank) are far
     above the gradient tolerance, so the media paths run and their parity is not vacuous;
     for Qwen3-VL also those of the deepstack mergers, which only the per-layer features reach."""
-    per_rank = _case(results, case.key)
+    per_rank = case_results(results, case.key)
     floor = VISION_GRAD_FACTOR * GRAD_TOLERANCE
     first = [result for result in per_rank if result["has_first_stage"]]
     assert len(first) == 1
@@ -215,8 +171,8 @@ def test_deepstack_matters_in_the_test_batch(
 ) -> None:
     """Without deepstack the unsplit model's loss moves by far more than the tolerance, while
     the pipelined loss equals the reference's: the carried features were applied."""
-    per_rank = _case(results, case.key)
-    holder = _holder(per_rank)
+    per_rank = case_results(results, case.key)
+    holder = last_stage_result(per_rank)
     first_step = holder["steps"][0]
     effect = abs(holder["deepstack_off_loss"] - first_step["ref_loss"])
     assert effect > DEEPSTACK_LOSS_FACTOR * LOSS_TOLERANCE, (
@@ -232,7 +188,7 @@ def test_later_stages_receive_the_carried_deepstack_features(
     """A stage starting at decoder layer f receives ``count - f`` per-layer feature tensors
     (count: 3 deepstack layers), non-zero in each microbatch with media and zero in a
     text-only one; stages past the deepstack layers receive none."""
-    per_rank = _case(results, case.key)
+    per_rank = case_results(results, case.key)
     count = per_rank[0]["layer_feature_count"]
     assert count == 3, "tiny Qwen3-VL: deepstack_visual_indexes [0, 1, 2]"
     media = _media_microbatches(per_rank[0]["batch"])
@@ -262,7 +218,7 @@ def test_the_interleaved_deepstack_case_carries_features_through_middle_stages(
     interleaved = [case for case in QWEN3 if case.schedule == "Interleaved1F1B"]
     assert interleaved
     for case in interleaved:
-        per_rank = _case(results, case.key)
+        per_rank = case_results(results, case.key)
         layers = {s: v for result in per_rank for s, v in result["stage_layers"].items()}
         assert layers == {"0": [0], "1": [1], "2": [2], "3": [3]}, layers
         firsts = {s: v for result in per_rank for s, v in result["first_layers"].items()}
@@ -282,14 +238,14 @@ def test_tied_embedding_copies_stay_equal_through_sgd_steps(
     """Tied embeddings with stage 0 and the last stage on different ranks: each holds a copy,
     gradients all-reduced. After every SGD step, loss and every parameter match the reference
     and the copies are bitwise equal."""
-    per_rank = _case(results, case.key)
+    per_rank = case_results(results, case.key)
     embed, head = worker_module.EMBED, worker_module.HEAD
     holders = {
         name: [r for r, result in enumerate(per_rank) if name in result["names"]]
         for name in (embed, head)
     }
     assert holders == {embed: [0], head: [1]}
-    for step, error in enumerate(_loss_errors(per_rank)):
+    for step, error in enumerate(loss_errors(per_rank)):
         assert error <= LOSS_TOLERANCE, f"step {step}: |loss - reference| = {error:.3e}"
     for rank, result in enumerate(per_rank):
         assert result["reference_tied"], "the reference model ties its embeddings"
@@ -309,7 +265,7 @@ def test_batches_hold_what_the_cases_claim(results: list[dict[str, Any]]) -> Non
     placeholder run; Idefics3 / SmolVLM per-sample pixel rows with a whole text-only
     microbatch of all-zero crops; InternVL images of different tile counts in one sample."""
     for case in CASES:
-        batch = _case(results, case.key)[0]["batch"]
+        batch = case_results(results, case.key)[0]["batch"]
         assert batch["bounds"] == [0, 2, 4, 5, 6]
         tokens = batch["image_tokens"]
         videos = batch.get("video_tokens", [0] * len(tokens))
@@ -352,14 +308,13 @@ def test_measured_maxima(results: list[dict[str, Any]], capsys: pytest.CaptureFi
     ]
     worst = {"loss": 0.0, "grad": 0.0, "param": 0.0}
     for case in CASES:
-        per_rank = _case(results, case.key)
-        loss = max(_loss_errors(per_rank))
-        steps = [step for result in per_rank for step in result["steps"]]
-        grad = max(step["grad_err"] for step in steps)
-        param = max((step.get("param_err", 0.0) for step in steps), default=0.0)
-        for name, value in (("loss", loss), ("grad", grad), ("param", param)):
+        per_rank = case_results(results, case.key)
+        differences = largest_differences(per_rank)
+        for name, value in differences.items():
             worst[name] = max(worst[name], value)
-        holder = _holder(per_rank)
+        loss, grad, param = differences["loss"], differences["grad"], differences["param"]
+        steps = [step for result in per_rank for step in result["steps"]]
+        holder = last_stage_result(per_rank)
         off = holder.get("deepstack_off_loss")
         effect = abs(off - holder["steps"][0]["ref_loss"]) if off is not None else 0.0
         lines.append(

@@ -13,62 +13,33 @@ A misrouted image changes both by orders of magnitude more.
 
 from __future__ import annotations
 
-import json
-import socket
-from pathlib import Path
 from typing import Any
 
 import distributed_worker as worker_module
 import pytest
-import torch.multiprocessing as mp
+
+from tests.helpers.ranks import case_results, spawn_ranks
 
 TOLERANCE = 2e-6
 CASES = worker_module.cases()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Run all cases on 2 ranks once; per rank, {case key: result}."""
-    out_dir = tmp_path_factory.mktemp("pp_runs")
-    context = mp.start_processes(
+    return spawn_ranks(
         worker_module.worker,
-        args=(_free_port(), str(out_dir)),
-        nprocs=worker_module.WORLD_SIZE,
-        join=False,
-        start_method="spawn",
+        tmp_path_factory.mktemp("pp_runs"),
+        world_size=worker_module.WORLD_SIZE,
+        timeout_s=300,
     )
-    for _ in range(300):
-        if context.join(timeout=1):
-            break
-    else:
-        for process in context.processes:
-            process.kill()
-        pytest.fail("the distributed run did not finish within 300 s")
-    return [
-        json.loads(Path(out_dir, f"rank{rank}.json").read_text())
-        for rank in range(worker_module.WORLD_SIZE)
-    ]
-
-
-def _case(results: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    per_rank = [rank_results.get(key) for rank_results in results]
-    for rank, result in enumerate(per_rank):
-        assert result is not None, f"rank {rank} did not run {key}"
-        assert "error" not in result, f"rank {rank} failed {key}:\n{result['error']}"
-    return per_rank
 
 
 @pytest.mark.parametrize(("schedule", "mode", "batch"), CASES, ids=["/".join(c) for c in CASES])
 def test_pipeline_step_matches_single_process(
     results: list[dict[str, Any]], schedule: str, mode: str, batch: str
 ) -> None:
-    per_rank = _case(results, f"{schedule}/{mode}/{batch}")
+    per_rank = case_results(results, f"{schedule}/{mode}/{batch}")
     losses = [r for r in per_rank if "loss" in r]
     assert len(losses) == 1, "exactly one rank holds the last stage"
     assert losses[0]["loss"] == pytest.approx(losses[0]["ref_loss"], abs=TOLERANCE, rel=0)
@@ -81,7 +52,7 @@ def test_pipeline_step_matches_single_process(
 def test_every_stage0_forward_gets_its_own_samples_media(
     results: list[dict[str, Any]], schedule: str, mode: str, batch: str
 ) -> None:
-    rank0 = _case(results, f"{schedule}/{mode}/{batch}")[0]
+    rank0 = case_results(results, f"{schedule}/{mode}/{batch}")[0]
     expected = rank0["expected_owners"]
     forwards = rank0["log"]
     # Shape inference (first step of a fresh schedule) runs microbatch 0 once more.
@@ -96,5 +67,5 @@ def test_every_stage0_forward_gets_its_own_samples_media(
 
 
 def test_presplit_api_is_used_where_torch_offers_it(results: list[dict[str, Any]]) -> None:
-    rank0 = _case(results, "GPipe/presplit_api/B6_M4")[0]
+    rank0 = case_results(results, "GPipe/presplit_api/B6_M4")[0]
     assert rank0["presplit_calls"] == 1
