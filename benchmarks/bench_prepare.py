@@ -12,9 +12,11 @@ and measures, interleaved (A, B, A, B, ...) to cancel drift:
 * A: ``pp_media.prepare_vlm_media_for_pp(batch, B, M)`` on a fresh shallow copy of the batch,
 * B: ``split_args_kwargs_into_chunks((), {input_ids, labels, attention_mask}, M)``,
 
-and prints the medians and their ratio. The design target (DESIGN.md, invariant 4) is that
-preparing the media costs about as much as the engine's text split; this script checks
-``ratio <= 0.5`` for ``B >= 64``. It reports only: the exit code is always 0.
+and prints the medians and their ratio, then the ratios as the README's markdown table. The
+design target (DESIGN.md, invariant 4) is that preparing the media costs about as much as the
+engine's text split; this script checks ``ratio <= 0.6`` for the per-rank batch sizes people
+train with (``B < 64``, where the fixed cost per call dominates) and ``ratio <= 0.5`` for
+``B >= 64``. It reports only: the exit code is always 0.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ if str(_REPO_ROOT) not in sys.path:
 
 import pp_media  # noqa: E402
 
-CASES: tuple[tuple[int, int], ...] = ((8, 4), (64, 16), (512, 64), (2048, 256))
+CASES: tuple[tuple[int, int], ...] = ((8, 4), (16, 4), (64, 16), (512, 64), (2048, 256))
 SEQ_LEN = 256
 PATCH_DIM = 1176  # Qwen2-VL: 3 channels * 2 temporal * 14 * 14
+SMALL_TARGET_RATIO = 0.6  # B < TARGET_MIN_B: the fixed per-call cost dominates
 TARGET_RATIO = 0.5
 TARGET_MIN_B = 64
 SAMPLE_TARGET_S = 200e-6  # each timed sample runs enough calls to last at least this long
@@ -207,17 +210,26 @@ def print_report(results: list[Result]) -> None:
     print()
     verdicts = []
     for r in results:
-        case = f"{r.batch_size}/{r.n_microbatches}"
-        if r.batch_size < TARGET_MIN_B:
-            verdicts.append(f"{case}: n/a ({r.ratio:.2f})")
-        else:
-            ok = "meets" if r.ratio <= TARGET_RATIO else "MISSES"
-            verdicts.append(f"{case}: {ok} ({r.ratio:.2f})")
-    print(f"target: ratio <= {TARGET_RATIO} for B >= {TARGET_MIN_B} -> " + "; ".join(verdicts))
+        target = target_ratio(r.batch_size)
+        ok = "meets" if r.ratio <= target else "MISSES"
+        verdicts.append(f"{r.batch_size}/{r.n_microbatches}: {ok} ({r.ratio:.2f} <= {target})")
+    print(
+        f"target: ratio <= {SMALL_TARGET_RATIO} for B < {TARGET_MIN_B}, <= {TARGET_RATIO} "
+        "from there -> " + "; ".join(verdicts)
+    )
     sampling = ", ".join(
         f"{r.batch_size}/{r.n_microbatches}: {r.samples}x{r.inner}" for r in results
     )
     print(f"samples x calls per sample (medians over samples): {sampling}")
+    print()
+    print("| B / M | " + " | ".join(f"{r.batch_size} / {r.n_microbatches}" for r in results) + " |")
+    print("|---|" + "---|" * len(results))
+    print("| prepare / engine text split | " + " | ".join(f"{r.ratio:.2f}" for r in results) + " |")
+
+
+def target_ratio(batch_size: int) -> float:
+    """The ratio a case should reach: looser for small batches, where fixed costs dominate."""
+    return SMALL_TARGET_RATIO if batch_size < TARGET_MIN_B else TARGET_RATIO
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,12 @@ import torch
 
 from pp_media._core.errors import check_microbatches
 from pp_media._core.host_read import DeferredHostRead
-from pp_media._core.row_maps import MediaGroup, plan_media_group, plan_patch_mapped
+from pp_media._core.row_maps import (
+    MediaGroup,
+    plan_media_group,
+    plan_patch_mapped,
+    split_flat_counted,
+)
 
 
 def _select_image_grid(
@@ -46,6 +51,12 @@ def chunk_vlm_media(
     ``grid_name`` only names the grid in error messages.
     """
     check_microbatches(batch_size, n_microbatches)
+    if n_images_per_sample is not None:
+        fast = split_flat_counted(
+            pixel_values, image_grid, n_images_per_sample, batch_size, n_microbatches
+        )
+        if fast is not None:
+            return fast[0], fast[1]
     group = MediaGroup(
         "pixel_values",
         pixel_values,

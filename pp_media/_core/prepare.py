@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, MutableMapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -17,6 +18,7 @@ from pp_media._core.row_maps import (
     plan_media_group,
     plan_patch_mapped,
     plan_per_sample,
+    split_flat_counted,
 )
 from pp_media._keys import (
     _VLM_MEDIA_KEYS,
@@ -28,30 +30,86 @@ from pp_media._keys import (
 
 _STEP3_KEYS = ("num_patches", "patch_pixel_values", "patch_newline_mask")
 _ROW_KEYS = (*IMAGE_ROW_KEYS, *VIDEO_ROW_KEYS)
+_MEDIA_KEY_SET = frozenset(_VLM_MEDIA_KEYS)
+_LOOKED_UP = (*_VLM_MEDIA_KEYS, *_ROW_KEYS)
+
+
+class _Layout(NamedTuple):
+    """Where each field of a batch goes; a function of the set of keys present only."""
+
+    image_grid: str | None  # the grid that maps images to rows (the preferred one given)
+    image_extras: tuple[str, ...]  # further per-image fields split like the grid
+    step3: bool  # crops mapped by num_patches (no image grid, a Step3 field given)
+    videos: bool
+    video_extras: tuple[str, ...]
+    unaligned: tuple[str, str] | None  # a media field nothing aligns, and what it needs
+    removed: tuple[str, ...]  # keys taken out of the batch (absent ones are skipped)
+    fast_grid: str | None  # the grid, when the batch is exactly flat images + grid + counts
+
+
+@functools.lru_cache(maxsize=128)
+def _layout(keys: frozenset[str]) -> _Layout:
+    """Sort the present keys into groups once per key set: batches of a loader share it."""
+    grids = [key for key in IMAGE_GRID_KEYS if key in keys]
+    image_rows = [key for key in IMAGE_ROW_KEYS if key in keys]
+    step3 = "pixel_values" in keys and not grids and any(key in keys for key in _STEP3_KEYS)
+    consumed: set[str] = set()
+    if "pixel_values" in keys:
+        consumed |= {"pixel_values", "n_images_per_sample"}
+        consumed |= set(_STEP3_KEYS) if step3 else {*grids, *image_rows}
+    videos = "pixel_values_videos" in keys
+    if videos:
+        consumed |= {"pixel_values_videos", "video_grid_thw", "n_videos_per_sample"}
+        consumed |= set(VIDEO_ROW_KEYS)
+    unaligned = None
+    for key in _VLM_MEDIA_KEYS:
+        if key not in keys or key in consumed:
+            continue
+        if key in ("video_grid_thw", "n_videos_per_sample"):
+            needs = "'pixel_values_videos'"
+        elif key in _STEP3_KEYS:
+            needs = "'pixel_values' and no image grid (Step3-style crops)"
+        else:
+            needs = "'pixel_values'"
+        unaligned = (key, needs)
+        break
+    return _Layout(
+        image_grid=grids[0] if grids else None,
+        image_extras=(*grids[1:], *image_rows),
+        step3=step3,
+        videos=videos,
+        video_extras=tuple(key for key in VIDEO_ROW_KEYS if key in keys),
+        unaligned=unaligned,
+        removed=(*_VLM_MEDIA_KEYS, *(key for key in _ROW_KEYS if key in consumed)),
+        fast_grid=(
+            grids[0]
+            if grids and keys == {"pixel_values", grids[0], "n_images_per_sample"}
+            else None
+        ),
+    )
 
 
 def _plan_images(
     present: Mapping[str, Any],
+    layout: _Layout,
     batch_size: int,
     n_microbatches: int,
     reader: DeferredHostRead,
-) -> tuple[list[Finish], set[str]]:
-    grids = [key for key in IMAGE_GRID_KEYS if key in present]
-    step3 = [key for key in _STEP3_KEYS if key in present]
-    row_keys = [key for key in IMAGE_ROW_KEYS if key in present]
-    if grids or not step3:
+) -> list[Finish]:
+    """Plans for the image fields: a grid-described group, or Step3-style crops."""
+    if not layout.step3:
         # A grid, or per-image pixel values mapped by n_images_per_sample (or one per sample).
+        grid = layout.image_grid
         group = MediaGroup(
             "pixel_values",
             present["pixel_values"],
-            grids[0] if grids else None,
-            present[grids[0]] if grids else None,
+            grid,
+            None if grid is None else present[grid],
             "n_images_per_sample",
             present.get("n_images_per_sample"),
-            extra_rows=tuple((key, present[key]) for key in (*grids[1:], *row_keys)),
+            tuple((key, present[key]) for key in layout.image_extras),
         )
-        plan = plan_media_group(group, batch_size, n_microbatches, reader)
-        return [plan], {"pixel_values", "n_images_per_sample", *grids, *row_keys}
+        return [plan_media_group(group, batch_size, n_microbatches, reader)]
     plans = [
         _only_given(
             plan_patch_mapped(
@@ -61,7 +119,7 @@ def _plan_images(
                 reader,
                 **{key: present.get(key) for key in _STEP3_KEYS},
             ),
-            given={"pixel_values", *step3},
+            given={"pixel_values", *(key for key in _STEP3_KEYS if key in present)},
         )
     ]
     if "n_images_per_sample" in present:
@@ -70,7 +128,7 @@ def _plan_images(
                 "n_images_per_sample", present["n_images_per_sample"], batch_size, n_microbatches
             )
         )
-    return plans, {"pixel_values", "n_images_per_sample", *_STEP3_KEYS}
+    return plans
 
 
 def _only_given(finish: Finish, given: set[str]) -> Finish:
@@ -80,10 +138,12 @@ def _only_given(finish: Finish, given: set[str]) -> Finish:
 
 def _plan_videos(
     present: Mapping[str, Any],
+    layout: _Layout,
     batch_size: int,
     n_microbatches: int,
     reader: DeferredHostRead,
-) -> tuple[list[Finish], set[str]]:
+) -> Finish:
+    """The plan for the video group (a video grid is required)."""
     if "video_grid_thw" not in present:
         raise media_error(
             "pixel_values_videos",
@@ -98,30 +158,9 @@ def _plan_videos(
         present["video_grid_thw"],
         "n_videos_per_sample",
         present.get("n_videos_per_sample"),
-        extra_rows=tuple((key, present[key]) for key in VIDEO_ROW_KEYS if key in present),
+        tuple((key, present[key]) for key in layout.video_extras),
     )
-    plan = plan_media_group(group, batch_size, n_microbatches, reader)
-    return [plan], {"pixel_values_videos", "video_grid_thw", "n_videos_per_sample", *VIDEO_ROW_KEYS}
-
-
-def _reject_unaligned(present: Mapping[str, Any], consumed: set[str]) -> None:
-    if present.keys() <= consumed:
-        return
-    for key in _VLM_MEDIA_KEYS:
-        if key not in present or key in consumed:
-            continue
-        if key in ("video_grid_thw", "n_videos_per_sample"):
-            needs = "'pixel_values_videos'"
-        elif key in _STEP3_KEYS:
-            needs = "'pixel_values' and no image grid (Step3-style crops)"
-        else:
-            needs = "'pixel_values'"
-        raise media_error(
-            key,
-            present[key],
-            f"to come with {needs}",
-            "Without it there is nothing to align this field with; drop it or keep its media.",
-        )
+    return plan_media_group(group, batch_size, n_microbatches, reader)
 
 
 def prepare_vlm_media_for_pp(
@@ -138,37 +177,61 @@ def prepare_vlm_media_for_pp(
     A batch without media comes back unchanged. Returns ``batch`` (mutated in place).
     """
     check_microbatches(batch_size, n_microbatches)
-    present = {key: value for key in _VLM_MEDIA_KEYS if (value := batch.get(key)) is not None}
-    if not present:
+    get = batch.get
+    # Media fields and the per-item extras that travel with them (without media, not ours).
+    present = {key: value for key in _LOOKED_UP if (value := get(key)) is not None}
+    if present.keys().isdisjoint(_MEDIA_KEY_SET):
         return batch
-    # Per-item extras travel with their media group; without one they are not ours to touch.
-    present.update((key, batch[key]) for key in _ROW_KEYS if batch.get(key) is not None)
     if VLM_PP_MEDIA_KEY in batch:
         raise ValueError(
             f"pp_media: the batch already carries '{VLM_PP_MEDIA_KEY}' and also raw media "
             f"{sorted(present)}; prepare each batch once."
         )
+    layout = _layout(frozenset(present))
+    if layout.fast_grid is not None:
+        # The common layout on a short path; anything unusual falls through to the plans below,
+        # which split it or raise the error that names the field.
+        grid = layout.fast_grid
+        fast = split_flat_counted(
+            present["pixel_values"],
+            present[grid],
+            present["n_images_per_sample"],
+            batch_size,
+            n_microbatches,
+        )
+        if fast is not None:
+            for key in layout.removed:
+                batch.pop(key, None)
+            batch[VLM_PP_MEDIA_KEY] = {
+                "pixel_values": fast[0],
+                grid: fast[1],
+                "n_images_per_sample": fast[2],
+            }
+            return batch
 
     reader = DeferredHostRead()
     plans: list[Finish] = []
-    consumed: set[str] = set()
     if "pixel_values" in present:
-        image_plans, image_keys = _plan_images(present, batch_size, n_microbatches, reader)
-        plans += image_plans
-        consumed |= image_keys
-    if "pixel_values_videos" in present:
-        video_plans, video_keys = _plan_videos(present, batch_size, n_microbatches, reader)
-        plans += video_plans
-        consumed |= video_keys
-    _reject_unaligned(present, consumed)
+        plans += _plan_images(present, layout, batch_size, n_microbatches, reader)
+    if layout.videos:
+        plans.append(_plan_videos(present, layout, batch_size, n_microbatches, reader))
+    if layout.unaligned is not None:
+        key, needs = layout.unaligned
+        raise media_error(
+            key,
+            present[key],
+            f"to come with {needs}",
+            "Without it there is nothing to align this field with; drop it or keep its media.",
+        )
 
     values = reader.read()
     media: Chunks = {}
     for finish in plans:
         media.update(finish(values))
 
-    for key in (*_VLM_MEDIA_KEYS, *consumed):
-        batch.pop(key, None)
+    pop = batch.pop
+    for key in layout.removed:
+        pop(key, None)
     batch[VLM_PP_MEDIA_KEY] = media
     return batch
 

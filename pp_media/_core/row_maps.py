@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -26,10 +27,15 @@ from pp_media._core.host_read import DeferredHostRead
 Chunks = dict[str, list[torch.Tensor]]
 Finish = Callable[[list[list[int]]], Chunks]
 
+#: Batches with at most this many counts plus items read their raw counts and patch sizes in the
+#: one host read and sum them there: fewer tensor ops, which dominate small batches. Larger ones
+#: reduce on the device first, so the read stays M-sized and Python never loops over items.
+HOST_SUM_MAX = 512
+
 
 def sizes_between(bounds: Sequence[int]) -> list[int]:
     """Row counts between consecutive ``bounds``."""
-    return [end - start for start, end in itertools.pairwise(bounds)]
+    return list(map(operator.sub, bounds[1:], bounds[:-1]))
 
 
 def split_rows(tensor: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
@@ -132,40 +138,40 @@ def plan_media_group(
             f"Or give '{group.pixels_name}' one row per item ({n_items} rows).",
         )
 
-    device = items.device
-    queued: list[torch.Tensor] = []
-    non_negative: list[torch.Tensor] = []
-    if counts is not None:
-        local_counts = counts if counts.device == device else counts.to(device)
-        # Item offset at the end of each microbatch; the last one is the sum of the counts.
-        item_ends = local_counts.cumsum(0).index_select(
-            0, sample_ends_tensor(batch_size, n_microbatches, device)
-        )
-        queued.append(item_ends)
-        non_negative.append(local_counts)
-    if not per_item:
-        sizes = grid.prod(dim=1)
-        # Clamped so that counts which do not sum to the grid's rows still index safely on
-        # any device; finish() reports them.
-        ends = (
-            item_ends.clamp(0, n_items)
-            if counts is not None
-            else sample_bounds_tensor(batch_size, n_microbatches, device)[1:]
-        )
-        queued.append(_offsets(sizes).index_select(0, ends))
-        non_negative.append(sizes)
-    if non_negative:
-        queued.append(torch.cat(non_negative).min().view(1))
-    handle = reader.add(torch.cat(queued)) if queued else None
     m = n_microbatches
+    sizes = None if per_item else grid.prod(dim=1)
+    local_counts = None
+    if counts is not None:
+        local_counts = counts if counts.device == items.device else counts.to(items.device)
+    # Everything the host must see: counts, then per-item patch counts (either may be absent).
+    raw = [part for part in (local_counts, sizes) if part is not None]
+    host_sums = batch_size + n_items <= HOST_SUM_MAX
+    handle = None
+    if raw:
+        values = raw[0] if len(raw) == 1 else torch.cat(raw)
+        if not host_sums:
+            values = _reduce_on_device(values, local_counts, sizes, batch_size, m)
+        handle = reader.add(values)
 
     def finish(values: list[list[int]]) -> Chunks:
-        row = values[handle] if handle is not None else []
-        if row and row[-1] < 0:
-            _raise_negative(group, counts, items)
-        item_b: Sequence[int] = sample_bounds(batch_size, n_microbatches)
-        if counts is not None:
-            item_b, row = (0, *row[:m]), row[m:]
+        bounds = sample_bounds(batch_size, m)
+        sample_sizes = sample_row_counts(batch_size, m)
+        item_b: Sequence[int] = bounds
+        pixel_b: Sequence[int] = ()
+        if handle is not None:
+            row = values[handle]
+            if host_sums:
+                if min(row) < 0:
+                    _raise_negative(group, counts, items)
+                if counts is not None:
+                    item_b = _bounds_getter(batch_size, m)(_prefix_sums(row[:batch_size]))
+                    row = row[batch_size:]
+            else:
+                if row[-1] < 0:
+                    _raise_negative(group, counts, items)
+                row = row[:-1]
+                if counts is not None:
+                    item_b, row = (0, *row[:m]), row[m:]
             if item_b[-1] != n_items:
                 raise media_error(
                     group.counts_name,
@@ -174,19 +180,22 @@ def plan_media_group(
                     f"(shape {tuple(items.shape)})",
                     f"They sum to {item_b[-1]}.",
                 )
-        pixel_b = item_b
-        if not per_item:
-            pixel_b = (0, *row[:m])
-            if pixel_b[-1] != pixels.shape[0]:
-                raise media_error(
-                    group.pixels_name,
-                    pixels,
-                    f"dim 0 of size {pixel_b[-1]}: the patches described by "
-                    f"'{group.grid_name}' (shape {tuple(grid.shape)}, sum over rows of the row "
-                    f"product), or {n_items}: one row per item",
-                    "Check that the grid belongs to these pixel values.",
-                )
-        sample_sizes = sample_row_counts(batch_size, n_microbatches)
+            if not per_item:
+                if host_sums:
+                    pixel_b = operator.itemgetter(*item_b)(_prefix_sums(row))
+                else:
+                    # Device sums are offset by the total of the counts (see _reduce_on_device).
+                    shift = item_b[-1] if counts is not None else 0
+                    pixel_b = [0, *[value - shift for value in row]]
+                if pixel_b[-1] != pixels.shape[0]:
+                    raise media_error(
+                        group.pixels_name,
+                        pixels,
+                        f"dim 0 of size {pixel_b[-1]}: the patches described by "
+                        f"'{group.grid_name}' (shape {tuple(grid.shape)}, sum over rows of the "
+                        f"row product), or {n_items}: one row per item",
+                        "Check that the grid belongs to these pixel values.",
+                    )
         item_sizes = sample_sizes if counts is None else sizes_between(item_b)
         pixel_sizes = item_sizes if per_item else sizes_between(pixel_b)
         chunks: Chunks = {group.pixels_name: split_rows(pixels, pixel_sizes)}
@@ -199,6 +208,110 @@ def plan_media_group(
         return chunks
 
     return finish
+
+
+def _prefix_sums(values: list[int]) -> list[int]:
+    """``[0, v0, v0 + v1, ...]`` on the host."""
+    return list(itertools.accumulate(values, initial=0))
+
+
+@functools.lru_cache(maxsize=256)
+def _bounds_getter(batch_size: int, n_microbatches: int) -> operator.itemgetter:
+    """Picks the values at the engine's sample bounds (M + 1 >= 2 of them: always a tuple)."""
+    return operator.itemgetter(*sample_bounds(batch_size, n_microbatches))
+
+
+def _reduce_on_device(
+    values: torch.Tensor,
+    counts: torch.Tensor | None,
+    sizes: torch.Tensor | None,
+    batch_size: int,
+    n_microbatches: int,
+) -> torch.Tensor:
+    """Large batches: only the M-sized offsets and the minimum travel to the host.
+
+    ``values`` is ``counts`` and/or ``sizes`` concatenated; one prefix sum covers both, so the
+    patch sums come out offset by the total of the counts (removed on the host). Returns the
+    item ends of the microbatches (with counts), the patch ends (with sizes), then the minimum.
+    """
+    sums = values.cumsum(0)
+    ends = sample_ends_tensor(batch_size, n_microbatches, values.device)
+    queued = []
+    if counts is not None:
+        ends = sums.index_select(0, ends)
+        queued.append(ends)
+    if sizes is not None:
+        if counts is not None:
+            # Clamped so that counts that do not sum to the grid's rows still index safely on
+            # any device; finish() reports them. sums[B - 1 + e] = total counts + patches of
+            # the first e items.
+            ends = sums[batch_size - 1 :].index_select(0, ends.clamp(0, sizes.shape[0]))
+        else:
+            ends = sums.index_select(0, ends)
+        queued.append(ends)
+    queued.append(values.amin(0, keepdim=True))
+    return torch.cat(queued)
+
+
+#: Integer dtypes the fast path accepts (the general path also takes other non-float ones).
+_INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+
+FlatChunks = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+
+
+def split_flat_counted(
+    pixels: object, grid: object, counts: object, batch_size: int, n_microbatches: int
+) -> FlatChunks | None:
+    """Fast path for the common layout: flat patches, a 2-D grid, per-sample counts.
+
+    Skips the general plan's per-call machinery (the small batches people train with are
+    dominated by it) but not its checks: it returns the pixel, grid and count chunks only for
+    input that ``plan_media_group`` accepts too, with the same chunks, and None for anything
+    else (another type, dtype, shape or device, a bad value), which the caller then passes to
+    ``plan_media_group`` to split or to reject with the message naming the field. One host
+    read; a rejected bad batch costs a second one, on the error path only.
+    """
+    if not (
+        isinstance(pixels, torch.Tensor)
+        and isinstance(grid, torch.Tensor)
+        and isinstance(counts, torch.Tensor)
+        and grid.dim() == 2
+        and counts.dim() == 1
+        and pixels.dim() != 0
+        and grid.dtype in _INT_DTYPES
+        and counts.dtype in _INT_DTYPES
+        and counts.device == grid.device
+    ):
+        return None
+    n_items = grid.shape[0]
+    n_rows = pixels.shape[0]
+    if counts.shape[0] != batch_size or n_rows == n_items:
+        return None
+    m = n_microbatches
+    sizes = grid.prod(dim=1)
+    values = torch.cat((counts, sizes))
+    if batch_size + n_items <= HOST_SUM_MAX:
+        row = values.tolist()
+        if min(row) < 0:
+            return None
+        item_sums = list(itertools.accumulate(row[:batch_size], initial=0))
+        patch_sums = list(itertools.accumulate(row[batch_size:], initial=0))
+        if item_sums[-1] != n_items or patch_sums[-1] != n_rows:
+            return None
+        item_b = _bounds_getter(batch_size, m)(item_sums)
+        pixel_b = operator.itemgetter(*item_b)(patch_sums)
+    else:
+        row = _reduce_on_device(values, counts, sizes, batch_size, m).tolist()
+        # Patch ends come offset by the total of the counts, row[m - 1] (_reduce_on_device).
+        if row[-1] < 0 or row[m - 1] != n_items or row[2 * m - 1] - n_items != n_rows:
+            return None
+        item_b = [0, *row[:m]]
+        pixel_b = [0, *map(operator.sub, row[m : 2 * m], itertools.repeat(n_items, m))]
+    return (
+        list(pixels.split_with_sizes(sizes_between(pixel_b))),
+        list(grid.split_with_sizes(sizes_between(item_b))),
+        list(counts.split_with_sizes(sample_row_counts(batch_size, m))),
+    )
 
 
 def plan_patch_mapped(
