@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
+from pp_media._core.device import move_vlm_media_to_device
 from pp_media._hf.batch import StepInputs, prepare_step_inputs
 from pp_media._hf.families import FamilyAdapter, adapter_for
 from pp_media._hf.loss import TokenSumCrossEntropy
@@ -20,6 +21,7 @@ from pp_media._hf.partition import StageLayout, plan_stages
 from pp_media._hf.pruning import prune_to_stage
 from pp_media._hf.stage_module import VLMStage
 from pp_media._hf.tied import TiedEmbeddingSync, unique_parameters
+from pp_media._keys import VLM_PP_MEDIA_KEY
 from pp_media._pipeline.step import step_with_media
 
 
@@ -124,10 +126,8 @@ class VLMPipeline:
         self.loss_fn.label_tokens = inputs.label_tokens
         losses: list[torch.Tensor] | None = [] if self.has_last_stage else None
         kwargs = {name: value.to(self.device) for name, value in inputs.kwargs.items()}
-        media = {
-            name: [chunk.to(self.device) for chunk in chunks]
-            for name, chunks in inputs.media.items()
-        }
+        moved = move_vlm_media_to_device({VLM_PP_MEDIA_KEY: inputs.media}, self.device)
+        media = moved[VLM_PP_MEDIA_KEY]
         step_with_media(
             self.schedule,
             inputs.input_ids.to(self.device),
