@@ -106,3 +106,32 @@ def test_batches_of_another_shape_than_the_first_are_refused() -> None:
         "for [2, 96] (torch's stages fix their buffers at the first step). Pad every batch to "
         "the same sequence length and use the same batch size."
     )
+
+
+def test_media_a_collate_prepared_and_padded_are_refused_with_the_fix() -> None:
+    import pp_media
+
+    config = tiny_config("qwen2_vl")
+    batch = synthetic_batch(config, 6, default_seq_len(config), seed=3)
+    batch["n_images_per_sample"] = pp_media.count_items_per_sample(
+        batch["input_ids"], config.image_token_id, batch["image_grid_thw"].prod(-1) // 4
+    )
+    wrapped = pp_media.wrap_vlm_collate_for_pp(lambda b: dict(b), 4, even_microbatches=True)
+    padded = wrapped(batch)
+    with pytest.raises(ValueError) as error:
+        prepare_step_inputs(padded, adapter_for(config), config, 4)
+    assert str(error.value) == (
+        "pp_media: the batch's '_vlm_pp_media_chunks' was prepared for 4 microbatches of 6 "
+        "samples, but the pipeline runs 4 microbatches of this 8-row batch. Pass the collate "
+        "function's output without prepare_vlm_media_for_pp / even_microbatches: "
+        "VLMPipeline.step splits and pads it itself."
+    )
+    # Prepared for this batch (no padding): accepted, same step inputs as the raw batch.
+    prepared = pp_media.wrap_vlm_collate_for_pp(lambda b: dict(b), 4)(batch)
+    from_prepared = prepare_step_inputs(prepared, adapter_for(config), config, 4)
+    from_raw = prepare_step_inputs(batch, adapter_for(config), config, 4)
+    assert torch.equal(from_prepared.input_ids, from_raw.input_ids)
+    for name, chunks in from_raw.media.items():
+        assert all(
+            torch.equal(a, b) for a, b in zip(chunks, from_prepared.media[name], strict=True)
+        )

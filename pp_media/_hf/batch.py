@@ -133,6 +133,23 @@ def check_placeholders(
             raise ValueError(check.message())
 
 
+def _check_prepared_for(
+    media: Mapping[str, list[torch.Tensor]], batch_size: int, n_microbatches: int
+) -> None:
+    """Media a collate prepared must be for this batch's rows and the pipeline's microbatches."""
+    chunks = next(iter(media.values()), None)
+    counts = media.get("n_images_per_sample", media.get("n_videos_per_sample"))
+    rows = None if counts is None else sum(chunk.shape[0] for chunk in counts)
+    if (chunks is not None and len(chunks) != n_microbatches) or rows not in (None, batch_size):
+        raise ValueError(
+            f"pp_media: the batch's '{VLM_PP_MEDIA_KEY}' was prepared for "
+            f"{len(chunks or [])} microbatches of {rows} samples, but the pipeline runs "
+            f"{n_microbatches} microbatches of this {batch_size}-row batch. Pass the collate "
+            "function's output without prepare_vlm_media_for_pp / even_microbatches: "
+            "VLMPipeline.step splits and pads it itself."
+        )
+
+
 def prepare_step_inputs(
     batch: Mapping[str, Any], adapter: FamilyAdapter, config: Any, n_microbatches: int
 ) -> StepInputs:
@@ -161,6 +178,7 @@ def prepare_step_inputs(
                 work[kind.count_field] = _items_per_sample(work, adapter, config, kind)
         prepare_vlm_media_for_pp(work, batch_size, n_microbatches)
     media: dict[str, list[torch.Tensor]] = work.pop(VLM_PP_MEDIA_KEY, {})
+    _check_prepared_for(media, batch_size, n_microbatches)
     media = adapter.stage_media(config, media)
     check_placeholders(input_ids, media, adapter, config, n_microbatches)
 
