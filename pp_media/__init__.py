@@ -7,6 +7,12 @@ microbatch exactly as ``torch.distributed.pipelining`` splits the text. Step sid
 those names load transformers on first use, so ``import pp_media`` needs only torch.
 """
 
+from pp_media._core.balance import (
+    VLM_PP_SAMPLE_ORDER_KEY,
+    balance_microbatches,
+    media_cost_per_sample,
+    restore_sample_order,
+)
 from pp_media._core.chunking import _select_image_grid as _select_image_grid
 from pp_media._core.chunking import chunk_step3_media, chunk_vlm_media
 from pp_media._core.counts import count_items_per_sample
@@ -41,18 +47,22 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "VLM_PP_MEDIA_KEY",
+    "VLM_PP_SAMPLE_ORDER_KEY",
     "FamilyAdapter",
     "MediaKind",
     "VLMPipeline",
+    "balance_microbatches",
     "build_vlm_pipeline",
     "chunk_step3_media",
     "chunk_vlm_media",
     "count_items_per_sample",
     "current_media",
+    "media_cost_per_sample",
     "move_vlm_media_to_device",
     "pad_to_even_microbatches",
     "prepare_vlm_media_for_pp",
     "register_family",
+    "restore_sample_order",
     "stage_vlm_media_for_pp",
     "step_with_media",
     "wrap_vlm_collate_for_pp",

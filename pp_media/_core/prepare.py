@@ -245,24 +245,39 @@ class _PPCollate:
         n_microbatches: int,
         batch_size_key: str,
         even_microbatches: bool,
+        balance_media: bool | Callable[[Mapping[str, Any]], Any] = False,
     ) -> None:
         self.collate_fn = collate_fn
         self.n_microbatches = n_microbatches
         self.batch_size_key = batch_size_key
         self.even_microbatches = even_microbatches
+        self.balance_media = balance_media
 
     def __call__(self, examples: Any) -> Any:
         batch = self.collate_fn(examples)
         if not isinstance(batch, MutableMapping):
             return batch
         has_media = any(batch.get(key) is not None for key in _VLM_MEDIA_KEYS)
-        if not (has_media or self.even_microbatches):
+        balance = self.balance_media is not False
+        if not (has_media or self.even_microbatches or balance):
             return batch
         batch_size = self._batch_size(batch)
+        order = None
+        if balance:
+            from pp_media._core.balance import balance_microbatches
+
+            cost = self.balance_media if callable(self.balance_media) else None
+            order = balance_microbatches(batch, batch_size, self.n_microbatches, cost=cost)
         if has_media:
             prepare_vlm_media_for_pp(batch, batch_size, self.n_microbatches)
         if self.even_microbatches:
             pad_to_even_microbatches(batch, batch_size, self.n_microbatches)
+        if order is not None:
+            from pp_media._core.balance import record_sample_order
+
+            record_sample_order(
+                batch, order, batch_size, self.n_microbatches, padded=self.even_microbatches
+            )
         return batch
 
     def _batch_size(self, batch: Mapping[str, Any]) -> int:
@@ -282,6 +297,7 @@ def wrap_vlm_collate_for_pp(
     *,
     batch_size_key: str = "input_ids",
     even_microbatches: bool = False,
+    balance_media: bool | Callable[[Mapping[str, Any]], Any] = False,
 ) -> Callable[[Any], MutableMapping[str, Any]]:
     """Wrap a VLM collate function so every batch it returns is prepared for pipelining.
 
@@ -289,6 +305,15 @@ def wrap_vlm_collate_for_pp(
     mappings, and batches without media, pass through unchanged. With
     ``even_microbatches=True`` every batch is also given by ``pad_to_even_microbatches``
     microbatches of equal size (torch's stages need that when M does not divide B).
+    With ``balance_media=True`` (patches per sample as the cost) or a cost function of the
+    batch, the samples are first permuted by ``balance_microbatches`` so that every
+    microbatch's vision cost is about even, and the permutation is recorded under
+    ``VLM_PP_SAMPLE_ORDER_KEY`` (one entry per engine row, -1 for pad rows; not a model input).
     """
     check_n_microbatches(n_microbatches)
-    return _PPCollate(collate_fn, n_microbatches, batch_size_key, even_microbatches)
+    if not (isinstance(balance_media, bool) or callable(balance_media)):
+        raise ValueError(
+            "pp_media: balance_media must be True, False or a function of the batch returning "
+            f"per-sample costs, got {type(balance_media).__name__}."
+        )
+    return _PPCollate(collate_fn, n_microbatches, batch_size_key, even_microbatches, balance_media)

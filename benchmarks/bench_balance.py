@@ -1,0 +1,676 @@
+"""Benchmark: pipeline step time with media-balanced microbatches, and the cost of staging.
+
+Run from the repository root::
+
+    python benchmarks/bench_balance.py           # about 90 s on 2 CPU cores
+    python benchmarks/bench_balance.py --quick   # fewer repetitions, for a smoke run
+
+Two gloo ranks on the CPU, one thread each, run a toy VLM split into pipeline stages
+(``1F1B``: 2 stages; ``Interleaved1F1B``: 4 stages, 2 per rank). The vision tower (a per-patch
+MLP, then one pooled token per image) sits on stage 0 with the token embeddings, so its cost
+grows with the patches of the microbatch; the text blocks are split so that the stages are
+even for an average microbatch, and an image-heavy microbatch makes stage 0 the bottleneck.
+B=160 samples in M=16 microbatches of 10, T=32 tokens, three workloads with the same mean of
+128 patches per sample (one image per image sample, one placeholder token per image):
+
+* ``uniform``: one image per sample, 64..192 patches;
+* ``long_tail``: 10% of the samples hold 70% of the patches;
+* ``mixed``: half the samples text-only, the other half 1..512 patches.
+
+For each schedule and workload it reports the step time of the batch in a random collated
+order ("natural") and balanced by ``wrap_vlm_collate_for_pp(..., balance_media=True)``, two ways:
+
+* measured: wall time of whole steps, interleaved (natural, balanced, natural, ...) to cancel
+  drift, median;
+* replayed: each microbatch's forward and backward time on each stage, measured alone on the
+  rank that runs the stage (thread CPU time, fastest of several runs, both ranks measuring at
+  once), run through the schedule's own order of actions with free communication. On a shared,
+  loaded machine the wall times mostly measure the other processes; the replay does not.
+
+and the ideal bound, ``max(total work / ranks, critical path)`` of the balanced batch's
+per-microbatch stage times. Then the staging overhead: the same steps through
+``step_with_media`` vs a stage 0 that reads precomputed per-microbatch media by a counter of its
+forwards (valid here: both schedules run stage 0's forwards in microbatch order) with no staging
+at all, and what the staging itself costs, timed without the model: ``step_with_media`` around a
+schedule step that does nothing, and the stage-0 wrapper around a forward that does nothing
+(end-to-end differences under 1% drown in a shared machine's noise). Last, the
+planning cost of ``balance_microbatches`` (validation, costs, assignment, permutation; not the
+media copy) next to ``prepare_vlm_media_for_pp`` on the batches of ``bench_prepare.py``.
+
+The exit code is always 0: the script reports, it does not judge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleInterleaved1F1B
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(_REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(_REPO_ROOT))
+
+import pp_media  # noqa: E402
+from pp_media._pipeline.locate import schedule_stages  # noqa: E402
+from pp_media._pipeline.staging import MediaStaging, microbatch_media_kwargs  # noqa: E402
+
+WORLD_SIZE = 2
+BATCH, MICROBATCHES, SEQ = 160, 16, 32
+HIDDEN, VOCAB, PATCH_DIM, VISION_WIDTH = 48, 128, 48, 144
+N_BLOCKS = 6
+MEAN_PATCHES = 128
+IMAGE_TOKEN = 1
+WORKLOADS = ("uniform", "long_tail", "mixed")
+SCHEDULES = ("1F1B", "Interleaved1F1B")
+#: Blocks of each stage. The vision tower costs about 4 blocks for an average microbatch
+#: (measured), so 1F1B: stage 0 = vision + 1 block, stage 1 = 5 blocks + head; interleaved:
+#: vision | 3 blocks | 1 block | 2 blocks + head, ranks {0, 2} and {1, 3} about even.
+LAYOUTS = {"1F1B": [(0, 1), (1, 6)], "Interleaved1F1B": [(0, 0), (0, 3), (3, 4), (4, 6)]}
+
+
+# --- workloads ------------------------------------------------------------------------------
+
+
+def sample_patches(workload: str, rng: random.Random) -> list[int]:
+    """Patches of each sample (0: text-only), mean ``MEAN_PATCHES``, in a random order."""
+    total = BATCH * MEAN_PATCHES
+    if workload == "uniform":
+        patches = [rng.randint(MEAN_PATCHES // 2, 3 * MEAN_PATCHES // 2) for _ in range(BATCH)]
+    elif workload == "long_tail":
+        heavy = BATCH // 10
+        patches = [round(0.7 * total / heavy * rng.uniform(0.85, 1.15)) for _ in range(heavy)]
+        light = 0.3 * total / (BATCH - heavy)
+        patches += [max(1, round(light * rng.uniform(0.5, 1.5))) for _ in range(BATCH - heavy)]
+    else:
+        patches = [0] * (BATCH // 2) + [rng.randint(1, 4 * MEAN_PATCHES) for _ in range(BATCH // 2)]
+    rng.shuffle(patches)
+    return patches
+
+
+def make_batch(patches: list[int], seed: int) -> dict[str, torch.Tensor]:
+    """A collated batch: one image (one placeholder token, grid [1, 1, p]) per image sample."""
+    gen = torch.Generator().manual_seed(seed)
+    batch_size = len(patches)
+    input_ids = torch.randint(2, VOCAB, (batch_size, SEQ), generator=gen)
+    labels = torch.randint(0, VOCAB, (batch_size, SEQ), generator=gen)
+    has_image = torch.tensor([p > 0 for p in patches])
+    input_ids[has_image, 1] = IMAGE_TOKEN
+    labels[:, :2] = -100
+    grids = [(1, 1, p) for p in patches if p]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "pixel_values": torch.randn(sum(patches), PATCH_DIM, generator=gen),
+        "image_grid_thw": torch.tensor(grids, dtype=torch.int64).reshape(-1, 3),
+        "n_images_per_sample": has_image.long(),
+    }
+
+
+class _Fixed:
+    """Collate function returning copies of one prebuilt batch (its order is the natural one)."""
+
+    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
+        self.batch = batch
+
+    def __call__(self, examples: Any) -> dict[str, torch.Tensor]:
+        return dict(self.batch)
+
+
+def prepared(batch: dict[str, torch.Tensor], balance: bool) -> dict[str, Any]:
+    collate = pp_media.wrap_vlm_collate_for_pp(_Fixed(batch), MICROBATCHES, balance_media=balance)
+    out = collate([])
+    out.pop(pp_media.VLM_PP_SAMPLE_ORDER_KEY, None)
+    return out
+
+
+# --- the toy VLM ------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(HIDDEN)
+        self.up = nn.Linear(HIDDEN, 4 * HIDDEN)
+        self.down = nn.Linear(4 * HIDDEN, HIDDEN)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.down(F.gelu(self.up(self.norm(hidden))))
+
+
+class Vision(nn.Module):
+    """Per-patch MLP, then the mean of each image's patches: cost grows with the patches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(PATCH_DIM, VISION_WIDTH)
+        self.mid = nn.Linear(VISION_WIDTH, VISION_WIDTH)
+        self.out = nn.Linear(VISION_WIDTH, HIDDEN)
+
+    def forward(self, pixel_values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        features = self.out(F.gelu(self.mid(F.gelu(self.inp(pixel_values)))))
+        sizes = grid.prod(dim=1)
+        owner = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+        pooled = features.new_zeros(sizes.numel(), HIDDEN).index_add_(0, owner, features)
+        return pooled / sizes.unsqueeze(1)
+
+
+class FirstStage(nn.Module):
+    """Embeddings, the vision tower and some blocks. ``precomputed``: media by forward count."""
+
+    def __init__(self, n_blocks: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, HIDDEN)
+        self.vision = Vision()
+        self.blocks = nn.ModuleList(Block() for _ in range(n_blocks))
+        self.precomputed: list[dict[str, torch.Tensor]] | None = None
+        self.forwards = 0
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.precomputed is not None:
+            media = self.precomputed[self.forwards]
+            self.forwards += 1
+            pixel_values, image_grid_thw = media.get("pixel_values"), media.get("image_grid_thw")
+        hidden = self.embed(input_ids)
+        if pixel_values is not None:
+            images = self.vision(pixel_values, image_grid_thw)
+            hidden = hidden.masked_scatter((input_ids == IMAGE_TOKEN).unsqueeze(-1), images)
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+
+class LaterStage(nn.Module):
+    def __init__(self, n_blocks: int, last: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(n_blocks))
+        self.head = nn.Sequential(nn.LayerNorm(HIDDEN), nn.Linear(HIDDEN, VOCAB)) if last else None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            hidden = block(hidden)
+        return self.head(hidden) if self.head is not None else hidden
+
+
+class Loss:
+    """Sum of token losses over the microbatch / label tokens of the whole batch."""
+
+    def __init__(self) -> None:
+        self.total = 1
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(
+            logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        return loss / self.total
+
+
+# --- one rank ---------------------------------------------------------------------------------
+
+
+class Pipeline:
+    """This rank's stages of one schedule, and ways to run or time one step."""
+
+    def __init__(self, rank: int, schedule: str) -> None:
+        layout = LAYOUTS[schedule]
+        n_stages = len(layout)
+        self.stage_ids = [rank] if n_stages == WORLD_SIZE else [rank, rank + WORLD_SIZE]
+        torch.manual_seed(0)
+        self.modules: list[nn.Module] = []
+        for index in self.stage_ids:
+            start, end = layout[index]
+            if index == 0:
+                self.modules.append(FirstStage(end - start))
+            else:
+                self.modules.append(LaterStage(end - start, index == n_stages - 1))
+        stages = [
+            PipelineStage(module, index, n_stages, torch.device("cpu"))
+            for module, index in zip(self.modules, self.stage_ids, strict=True)
+        ]
+        self.loss = Loss()
+        self.first = 0 in self.stage_ids
+        self.last = n_stages - 1 in self.stage_ids
+        if n_stages == WORLD_SIZE:
+            self.schedule = Schedule1F1B(
+                stages[0], MICROBATCHES, loss_fn=self.loss, scale_grads=False
+            )
+        else:
+            self.schedule = ScheduleInterleaved1F1B(
+                stages, MICROBATCHES, loss_fn=self.loss, scale_grads=False
+            )
+
+    def step(self, batch: dict[str, Any], staged: bool = True) -> tuple[float, float]:
+        """One step between two barriers: (wall seconds, this rank's thread CPU seconds)."""
+        self.loss.total = int((batch["labels"] != -100).sum())
+        media = batch[pp_media.VLM_PP_MEDIA_KEY]
+        args = (batch["input_ids"],) if self.first else ()
+        target = batch["labels"] if self.last else None
+        first = self.modules[0] if self.first else None
+        if not staged and isinstance(first, FirstStage):
+            first.precomputed = [
+                microbatch_media_kwargs({name: chunks[k] for name, chunks in media.items()})
+                for k in range(MICROBATCHES)
+            ]
+            first.forwards = 0
+        dist.barrier()
+        start, cpu = time.perf_counter(), time.thread_time()
+        if staged:
+            pp_media.step_with_media(self.schedule, *args, media=media, target=target, losses=[])
+        else:
+            self.schedule.step(*args, target=target, losses=[])
+        cpu = time.thread_time() - cpu
+        dist.barrier()
+        elapsed = time.perf_counter() - start
+        if isinstance(first, FirstStage):
+            first.precomputed = None
+        return elapsed, cpu
+
+    def stage_times(
+        self, batches: dict[str, dict[str, Any]], reps: int
+    ) -> dict[str, dict[str, list[list[float]]]]:
+        """Per order, per stage of this rank: [forward, backward] thread CPU seconds of each
+        microbatch run alone, the fastest of ``reps`` runs. CPU time and the fastest run, with
+        the orders and microbatches interleaved: other processes on a shared machine inflate
+        wall and CPU time alike, and their bursts must not land on one order."""
+        samples: dict[tuple[str, int, int], list[tuple[float, float]]] = {}
+        for rep in range(reps + 1):  # the first round warms up
+            for order, batch in batches.items():
+                self.loss.total = int((batch["labels"] != -100).sum())
+                media = batch[pp_media.VLM_PP_MEDIA_KEY]
+                ids = torch.tensor_split(batch["input_ids"], MICROBATCHES)
+                labels = torch.tensor_split(batch["labels"], MICROBATCHES)
+                for module, index in zip(self.modules, self.stage_ids, strict=True):
+                    for k in range(MICROBATCHES):
+                        start = time.thread_time()
+                        if index == 0:
+                            kwargs = microbatch_media_kwargs(
+                                {name: chunks[k] for name, chunks in media.items()}
+                            )
+                            out = module(ids[k], **kwargs)
+                        else:
+                            shape = (ids[k].shape[0], SEQ, HIDDEN)
+                            out = module(torch.randn(shape, requires_grad=True))
+                            if isinstance(module, LaterStage) and module.head is not None:
+                                out = self.loss(out, labels[k])
+                        middle = time.thread_time()
+                        out.backward(torch.ones_like(out))
+                        if rep:
+                            run = (middle - start, time.thread_time() - middle)
+                            samples.setdefault((order, index, k), []).append(run)
+        return {
+            order: {
+                str(index): [
+                    [min(part) for part in zip(*samples[order, index, k], strict=True)]
+                    for k in range(MICROBATCHES)
+                ]
+                for index in self.stage_ids
+            }
+            for order in batches
+        }
+
+    def actions(self, rank: int) -> list[tuple[str, int, int]]:
+        """This rank's compute actions in the order the schedule runs them: (F/B, stage, mb)."""
+        if isinstance(self.schedule, ScheduleInterleaved1F1B):
+            parsed = []
+            for action in self.schedule.pipeline_order[rank]:
+                if action is not None:
+                    kind = action.computation_type.value
+                    parsed.append((kind, action.stage_index, action.microbatch_index))
+            return parsed
+        # Schedule1F1B: (num_stages - stage) warm-up forwards, then backward / forward pairs.
+        m, warmup = MICROBATCHES, min(MICROBATCHES, WORLD_SIZE - rank)
+        order = [("F", rank, k) for k in range(warmup)]
+        for k in range(m):
+            order.append(("B", rank, k))
+            if warmup + k < m:
+                order.append(("F", rank, warmup + k))
+        return order
+
+
+def staging_runs(pipe: Pipeline, batch: dict[str, Any], reps: int) -> dict[str, Any]:
+    """Interleaved steps through ``step_with_media`` and with precomputed media (no staging),
+    then what the staging itself costs, measured without the model (``staging_cost``)."""
+    runs: dict[str, Any] = {"staged": [], "precomputed": []}
+    for _ in range(reps):
+        runs["staged"].append(pipe.step(batch, staged=True))
+        runs["precomputed"].append(pipe.step(batch, staged=False))
+    if pipe.first:
+        runs["per_step"], runs["per_forward"] = staging_cost(pipe, batch)
+    return runs
+
+
+def staging_cost(pipe: Pipeline, batch: dict[str, Any], reps: int = 300) -> tuple[float, float]:
+    """Seconds that staging adds per step around the schedule, and per stage-0 forward.
+
+    Per step: ``step_with_media`` around a ``schedule.step`` that does nothing (locating the
+    stages, installing and removing the wrappers). Per forward: the stage-0 wrapper around a
+    ``forward_one_chunk`` that does nothing, minus calling that directly. Both are the best
+    of three timed loops of ``reps`` iterations.
+    """
+    schedule = pipe.schedule
+    stage = next(stage for stage in schedule_stages(schedule) if stage.is_first)
+    media = batch[pp_media.VLM_PP_MEDIA_KEY]
+    ids = torch.tensor_split(batch["input_ids"], MICROBATCHES)
+
+    def noop(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    def best(run: Callable[[], None]) -> float:
+        loops = []
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(reps):
+                run()
+            loops.append((time.perf_counter() - start) / reps)
+        return min(loops)
+
+    def forwards() -> None:
+        for k in range(MICROBATCHES):
+            stage.forward_one_chunk(k, (ids[k],), {})
+
+    schedule.step = noop  # type: ignore[method-assign]
+    try:
+        per_step = best(
+            lambda: pp_media.step_with_media(schedule, ids[0], media=media, target=None, losses=[])
+        )
+    finally:
+        del schedule.step
+    stage.forward_one_chunk = noop  # type: ignore[method-assign]
+    try:
+        bare = best(forwards)
+        staged = {pp_media.VLM_PP_MEDIA_KEY: media}
+        with MediaStaging(schedule, [stage.submod], staged, as_kwargs=True):
+            wrapped = best(forwards)
+    finally:
+        del stage.forward_one_chunk
+    return per_step, max(0.0, wrapped - bare) / MICROBATCHES
+
+
+def worker(rank: int, port: int, out_dir: str, quick: bool) -> None:
+    """One rank: every schedule and workload; rank 0's step times, both ranks' stage times."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(minutes=5))
+    reps = 3 if quick else 11
+    overhead_reps = 5 if quick else 30
+    results: dict[str, Any] = {}
+    batches = {}
+    for index, workload in enumerate(WORKLOADS):
+        natural = make_batch(sample_patches(workload, random.Random(index)), seed=index)
+        batches[workload] = {
+            "natural": prepared(natural, False),
+            "balanced": prepared(natural, True),
+        }
+    try:
+        for schedule in SCHEDULES:
+            pipe = Pipeline(rank, schedule)
+            for _ in range(2):  # shape inference, warm-up
+                pipe.step(batches[WORKLOADS[0]]["natural"])
+            for workload in WORKLOADS:
+                runs: dict[str, list[float]] = {"natural": [], "balanced": []}
+                for _ in range(reps):
+                    for order in runs:
+                        runs[order].append(pipe.step(batches[workload][order])[0])
+                results[f"{schedule}/{workload}"] = {
+                    "steps": runs,
+                    "stage_times": pipe.stage_times(batches[workload], 3 if quick else 7),
+                    "actions": {str(rank): pipe.actions(rank)},
+                }
+            batch = batches["long_tail"]["balanced"]
+            results[f"{schedule}/overhead"] = staging_runs(pipe, batch, overhead_reps)
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.destroy_process_group()
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def microbatch_patches(batch: dict[str, Any]) -> list[int]:
+    chunks = batch[pp_media.VLM_PP_MEDIA_KEY]["pixel_values"]
+    return [chunk.shape[0] for chunk in chunks]
+
+
+Times = dict[str, list[list[float]]]  # stage -> microbatch -> [forward, backward] seconds
+
+
+def merged(results: list[dict[str, Any]], key: str, order: str) -> tuple[Times, dict]:
+    """Both ranks' stage times and action orders of one case.
+
+    Stages after the first do the same work in either order (same text shapes, no media), so
+    their times are the faster of the two orders' measurements, microbatch by microbatch.
+    """
+    times: Times = {}
+    actions: dict[str, list] = {}
+    for rank_results in results:
+        case = rank_results[key]
+        for stage, per_mb in case["stage_times"][order].items():
+            if stage == "0":
+                times[stage] = per_mb
+                continue
+            other = case["stage_times"]["balanced" if order == "natural" else "natural"][stage]
+            times[stage] = [
+                [min(a, b) for a, b in zip(mine, theirs, strict=True)]
+                for mine, theirs in zip(per_mb, other, strict=True)
+            ]
+        actions.update(case["actions"])
+    return times, actions
+
+
+def replay(times: Times, actions: dict[str, list]) -> float:
+    """Step time of the schedule's own action order run with these compute times.
+
+    Each rank runs its actions in order; F of stage s waits for F of stage s - 1, B of stage s
+    for B of stage s + 1 (the last stage for its own F). Communication counts as free.
+    """
+    last = max(int(stage) for stage in times)
+    done: dict[tuple[str, int, int], float] = {}
+    clock = dict.fromkeys(actions, 0.0)
+    position = dict.fromkeys(actions, 0)
+    while any(position[rank] < len(actions[rank]) for rank in actions):
+        moved = False
+        for rank, order in actions.items():
+            while position[rank] < len(order):
+                kind, stage, k = order[position[rank]]
+                if kind == "F":
+                    needs = ("F", stage - 1, k) if stage > 0 else None
+                else:
+                    needs = ("B", stage + 1, k) if stage < last else ("F", stage, k)
+                if needs is not None and needs not in done:
+                    break
+                start = max(clock[rank], done[needs] if needs is not None else 0.0)
+                clock[rank] = start + times[str(stage)][k][0 if kind == "F" else 1]
+                done[(kind, stage, k)] = clock[rank]
+                position[rank] += 1
+                moved = True
+        if not moved:
+            raise RuntimeError(f"replay deadlocked: {position}")
+    return max(clock.values())
+
+
+def ideal_bound(times: Times) -> float:
+    """max(total work / ranks, the longest single-microbatch path through every stage)."""
+    total = sum(f + b for per_mb in times.values() for f, b in per_mb)
+    critical = max(sum(sum(per_mb[k]) for per_mb in times.values()) for k in range(MICROBATCHES))
+    return max(total / WORLD_SIZE, critical)
+
+
+def report(results: list[dict[str, Any]]) -> None:
+    rank0 = results[0]
+    reps = len(rank0[f"{SCHEDULES[0]}/{WORKLOADS[0]}"]["steps"]["natural"])
+    print(
+        f"\nmeasured: wall step time (ms), median of {reps} interleaved steps on 2 shared cores.\n"
+        "replayed: the schedule's own action order run with each microbatch's measured forward "
+        "and backward\nthread CPU time per stage (no contention, free communication); ideal = "
+        "max(total work / 2 ranks, critical path)\nof the balanced batch. patches: largest "
+        "microbatch, natural / balanced."
+    )
+    header = (
+        f"{'schedule':<16} {'workload':<10} {'patches':>11} | {'natural':>8} {'balanced':>8} "
+        f"{'nat/bal':>7} | {'natural':>7} {'balanced':>8} {'ideal':>6} {'nat/bal':>7} "
+        f"{'ideal/bal':>9}"
+    )
+    print(f"{'':<39}| {'measured':<25}| replayed")
+    print(header)
+    print("-" * len(header))
+    batches = {}
+    for index, workload in enumerate(WORKLOADS):
+        natural = make_batch(sample_patches(workload, random.Random(index)), seed=index)
+        batches[workload] = (prepared(natural, False), prepared(natural, True))
+    for schedule in SCHEDULES:
+        for workload in WORKLOADS:
+            key = f"{schedule}/{workload}"
+            steps = rank0[key]["steps"]
+            natural = statistics.median(steps["natural"])
+            balanced = statistics.median(steps["balanced"])
+            nat_times, actions = merged(results, key, "natural")
+            bal_times, _ = merged(results, key, "balanced")
+            replay_nat, replay_bal = replay(nat_times, actions), replay(bal_times, actions)
+            ideal = ideal_bound(bal_times)
+            patches = "{} / {}".format(*(max(microbatch_patches(b)) for b in batches[workload]))
+            print(
+                f"{schedule:<16} {workload:<10} {patches:>11} | {natural * 1e3:>8.1f} "
+                f"{balanced * 1e3:>8.1f} {natural / balanced:>7.2f} | {replay_nat * 1e3:>7.1f} "
+                f"{replay_bal * 1e3:>8.1f} {ideal * 1e3:>6.1f} {replay_nat / replay_bal:>7.2f} "
+                f"{ideal / replay_bal:>9.2f}"
+            )
+    print()
+    print(
+        "stage-0 forward+backward CPU ms per microbatch (min / median / max), natural -> balanced"
+    )
+    for schedule in SCHEDULES:
+        for workload in WORKLOADS:
+            key = f"{schedule}/{workload}"
+            spans = []
+            for order in ("natural", "balanced"):
+                times, _ = merged(results, key, order)
+                stage0 = [sum(t) * 1e3 for t in times["0"]]
+                spans.append(
+                    f"{min(stage0):.1f} / {statistics.median(stage0):.1f} / {max(stage0):.1f}"
+                )
+            times, _ = merged(results, key, "balanced")
+            later = [
+                statistics.median(sum(t) for t in times[stage]) * 1e3
+                for stage in sorted(times)
+                if stage != "0"
+            ]
+            print(
+                f"  {schedule:<16} {workload:<10} {spans[0]:>17} -> {spans[1]:<17} "
+                f"(later stages' medians: {' / '.join(f'{t:.1f}' for t in later)})"
+            )
+    print()
+    n = len(rank0[f"{SCHEDULES[0]}/overhead"]["staged"])
+    print(
+        "staging overhead, rank 0, long_tail balanced: step_with_media vs precomputed media "
+        f"with no staging, median of {n} interleaved steps; and what staging costs, timed "
+        "without the model (per step around the schedule + per stage-0 forward x M)"
+    )
+    for schedule in SCHEDULES:
+        runs = rank0[f"{schedule}/overhead"]
+        wall = [statistics.median(t[0] for t in runs[mode]) for mode in ("staged", "precomputed")]
+        cpu = [statistics.median(t[1] for t in runs[mode]) for mode in ("staged", "precomputed")]
+        cost = runs["per_step"] + MICROBATCHES * runs["per_forward"]
+        print(
+            f"  {schedule:<16} wall {wall[0] * 1e3:.1f} vs {wall[1] * 1e3:.1f} ms "
+            f"({(wall[0] / wall[1] - 1) * 100:+.2f}%), CPU {cpu[0] * 1e3:.1f} vs "
+            f"{cpu[1] * 1e3:.1f} ms ({(cpu[0] / cpu[1] - 1) * 100:+.2f}%); staging "
+            f"{runs['per_step'] * 1e6:.0f} us + {MICROBATCHES} x "
+            f"{runs['per_forward'] * 1e6:.1f} us = {cost * 1e6:.0f} us per step = "
+            f"{cost / cpu[1] * 100:.2f}% of the step's CPU time"
+        )
+
+
+def planning_cost(quick: bool) -> None:
+    """balance_microbatches' planning (no media copy) next to prepare_vlm_media_for_pp."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_prepare
+
+    from pp_media._core import balance as balance_module
+
+    print()
+    print("planning cost (us, median; balance plan = validation, costs, assignment, permutation):")
+    print(f"  {'B / M':>10} {'prepare':>9} {'balance plan':>13} {'ratio':>6} {'copy D=1176':>12}")
+    for batch_size, n_microbatches in bench_prepare.CASES:
+        batch = bench_prepare.make_batch(batch_size, seed=batch_size)
+        plan_t, prep_t = [], []
+        for _ in range(15 if quick else 60):
+            work = {**batch.text, **batch.media}
+            start = time.perf_counter()
+            _, plan = balance_module._plan(work, batch_size, n_microbatches, None)
+            order = balance_module._permutation(plan, n_microbatches)
+            plan_t.append(time.perf_counter() - start)
+            work = {**batch.text, **batch.media}
+            start = time.perf_counter()
+            pp_media.prepare_vlm_media_for_pp(work, batch_size, n_microbatches)
+            prep_t.append(time.perf_counter() - start)
+        copy = "n/a"
+        if order is not None and batch.total_patches <= 100_000:
+            pixels = torch.randn(batch.total_patches, bench_prepare.PATCH_DIM)
+            index = torch.randperm(batch.total_patches)
+            start = time.perf_counter()
+            pixels.index_select(0, index)
+            copy = f"{(time.perf_counter() - start) * 1e6:.0f}"
+        plan_s, prep_s = statistics.median(plan_t), statistics.median(prep_t)
+        print(
+            f"  {f'{batch_size} / {n_microbatches}':>10} {prep_s * 1e6:>9.0f} "
+            f"{plan_s * 1e6:>13.0f} {plan_s / prep_s:>6.2f} {copy:>12}"
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    print(
+        f"torch {torch.__version__}, 2 gloo ranks x 1 thread, B={BATCH}, M={MICROBATCHES}, "
+        f"T={SEQ}, hidden {HIDDEN}, vision width {VISION_WIDTH}, {os.cpu_count()} CPUs"
+    )
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(
+            worker,
+            args=(_free_port(), out_dir, args.quick),
+            nprocs=WORLD_SIZE,
+            start_method="spawn",
+        )
+        results = [
+            json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)
+        ]
+    report(results)
+    planning_cost(args.quick)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
