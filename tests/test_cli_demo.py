@@ -105,15 +105,11 @@ def test_demo_under_torchrun() -> None:
             "schedule '1F1B' runs one stage per rank; got 2 virtual stages. Use Interleaved1F1B, "
             "LoopedBFS or InterleavedZeroBubble for more.",
         ),
-        (["--model", "llava", "--videos"], "--videos: llava takes no videos"),
+        (["--model", "llava", "--videos"], "--videos: pp_media's llava adapter takes no videos"),
         (
             ["--model", "glm4v", "--videos"],
             "--videos: glm4v cannot take images and videos in one forward (a limit of the "
             "unsplit model in transformers), and the demo's batches mix them",
-        ),
-        (
-            ["--model", "kimi_k25", "--videos"],
-            "--videos: the demo builds Qwen-VL-style video tensors, which kimi_k25 does not take",
         ),
         (["--device", "tpu"], "unknown device 'tpu'; choose cpu or cuda"),
     ],

@@ -76,7 +76,7 @@ def _optimizer(params: Any, plan: DemoPlan) -> torch.optim.Optimizer:
 
 def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
     """Validate the options and make the checkpoint the runs load; one-line errors."""
-    from pp_media._cli.synthetic import default_seq_len
+    from pp_media._cli.synthetic import builds_videos, default_seq_len
     from pp_media._cli.tiny_models import tiny_config, tiny_model_types
     from pp_media._hf.families import adapter_for
 
@@ -121,11 +121,11 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
     except ValueError as error:
         raise DemoError(str(error).removeprefix("pp_media: ")) from None
     if args.videos and len(adapter.media) < 2:
-        raise DemoError(f"--videos: {config.model_type} takes no videos")
-    if args.videos and not hasattr(config.vision_config, "temporal_patch_size"):
+        raise DemoError(f"--videos: pp_media's {config.model_type} adapter takes no videos")
+    if args.videos and not builds_videos(config):
         raise DemoError(
-            f"--videos: the demo builds Qwen-VL-style video tensors, which {config.model_type} "
-            "does not take"
+            f"--videos: the demo builds flat video patches with video_grid_thw, which "
+            f"{config.model_type} does not take"
         )
     if args.videos and not adapter.mixes_images_and_videos:
         raise DemoError(

@@ -36,16 +36,43 @@ def _separators(config: Any) -> tuple[int | None, int | None]:
     return None, None
 
 
+def _image_row_shape(config: Any) -> tuple[int, ...]:
+    """Shape of one row of the image processor's ``pixel_values``."""
+    probe = _image(torch.Generator().manual_seed(0), *IMAGE_SIZES[0])
+    return tuple(
+        image_processor(config)(images=[probe], return_tensors="pt")["pixel_values"].shape[1:]
+    )
+
+
+def _merge(vision: Any) -> int:
+    """Patches merged along one side into a feature (Qwen-VL ``spatial_merge_size``, Kimi's
+    ``merge_kernel_size``)."""
+    if hasattr(vision, "spatial_merge_size"):
+        return vision.spatial_merge_size
+    return vision.merge_kernel_size[0]
+
+
+def builds_videos(config: Any) -> bool:
+    """Whether ``synthetic_batch(..., videos=True)`` can lay out this family's videos: flat
+    patches with a ``video_grid_thw`` (Qwen-VL, Kimi-K2.5)."""
+    vision = getattr(config, "vision_config", None)
+    return hasattr(vision, "spatial_merge_size") or hasattr(vision, "merge_kernel_size")
+
+
 def _grid_side(pixels: int, vision: Any) -> int:
     """Patches along one side of a video frame: a whole number of merge windows, as the video
     processor resizes to."""
-    merge = vision.spatial_merge_size
+    merge = _merge(vision)
     return max(merge, pixels // vision.patch_size // merge * merge)
 
 
-def _videos(config: Any, generator: torch.Generator, n_videos: int) -> dict[str, torch.Tensor]:
+def _videos(
+    config: Any, generator: torch.Generator, n_videos: int, row_shape: tuple[int, ...]
+) -> dict[str, torch.Tensor]:
+    """Videos in the video processor's layout: one patch row of ``row_shape`` (the image
+    processor's, as Qwen-VL and Kimi-K2.5 share it) per ``t*h*w`` grid cell."""
     vision = config.vision_config
-    patch, temporal = vision.patch_size, vision.temporal_patch_size
+    temporal = getattr(vision, "temporal_patch_size", 1)
     grids = []
     for _ in range(n_videos):
         frames = temporal * int(torch.randint(1, 3, (1,), generator=generator))
@@ -53,7 +80,7 @@ def _videos(config: Any, generator: torch.Generator, n_videos: int) -> dict[str,
         grids.append([frames // temporal, _grid_side(height, vision), _grid_side(width, vision)])
     grid = torch.tensor(grids, dtype=torch.int64).reshape(-1, 3)
     rows = int(grid.prod(-1).sum())
-    pixels = torch.randn(rows, vision.in_channels * temporal * patch * patch, generator=generator)
+    pixels = torch.randn(rows, *row_shape, generator=generator)
     return {"pixel_values_videos": pixels, "video_grid_thw": grid}
 
 
@@ -94,7 +121,8 @@ def synthetic_batch(
     if videos:
         video_counts[1::3] = 1
         if int(video_counts.sum()):
-            batch.update(_videos(config, generator, int(video_counts.sum())))
+            row_shape = _image_row_shape(config)
+            batch.update(_videos(config, generator, int(video_counts.sum()), row_shape))
 
     image_tokens = adapter.tokens_per_item(config, image_kind, batch).tolist() if flat else []
     if image_kind.rows_per_sample and flat:
