@@ -133,7 +133,11 @@ CASES = [
     Case(
         "videos-without-video-grid",
         edit(qwen_batch, video_grid_thw=None),
-        ("'pixel_values_videos'", "shape (4, 2, 3)", "expected 'video_grid_thw'"),
+        (
+            "'n_videos_per_sample'",
+            "the rows of 'pixel_values_videos' (shape (4, 2, 3))",
+            "Flat patches need their grid beside them ('video_grid_thw').",
+        ),
     ),
     Case(
         "video-grid-without-videos",

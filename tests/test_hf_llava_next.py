@@ -40,10 +40,14 @@ TIMEOUT_S = 120
 #: beside one of two, so OneVision's per-microbatch ``batch_num_images`` differs from the
 #: batch's, and text-only microbatches).
 UNIT_CASES = (("llava_next", 1), ("llava_onevision", 12), ("llava_onevision", 9))
+#: (family, schedule, batch seed, with videos). Videos are OneVision's one row per video,
+#: ``[n_videos, frames, C, H, W]``, built in its video processor's layout (that processor needs
+#: torchvision), beside the images of the same batch.
 PARITY_CASES = (
-    ("llava_next", "1F1B", 1),
-    ("llava_onevision", "1F1B", 12),
-    ("llava_onevision", "Interleaved1F1B", 9),
+    ("llava_next", "1F1B", 1, False),
+    ("llava_onevision", "1F1B", 12, False),
+    ("llava_onevision", "Interleaved1F1B", 9, False),
+    ("llava_onevision", "1F1B", 9, True),
 )
 
 
@@ -64,10 +68,11 @@ def _model(model_type: str) -> tuple[Any, Any]:
     return config, model
 
 
-def _batch(config: Any, seed: int) -> dict[str, torch.Tensor]:
+def _batch(config: Any, seed: int, videos: bool = False) -> dict[str, torch.Tensor]:
     from pp_media._cli.synthetic import default_seq_len, synthetic_batch
 
-    return synthetic_batch(config, BATCH_SIZE, default_seq_len(config), seed=seed)
+    seq_len = default_seq_len(config, videos=videos)
+    return synthetic_batch(config, BATCH_SIZE, seq_len, seed=seed, videos=videos)
 
 
 def _images_per_sample(batch: dict[str, torch.Tensor], config: Any) -> list[int]:
@@ -97,7 +102,7 @@ def test_tokens_per_item_are_what_the_model_consumes(model_type: str, seed: int)
     _setup()
     config, model = _model(model_type)
     adapter = adapter_for(config)
-    (kind,) = adapter.media
+    kind = adapter.media[0]  # the images; OneVision's videos have their own parity case
     batch = _batch(config, seed)
     images = _images_per_sample(batch, config)
     assert images[0] == 0 and max(images) >= 2 and 1 in images, images
@@ -159,7 +164,7 @@ def test_onevision_rejects_a_batch_num_images_that_does_not_match_the_samples() 
     _setup()
     config = tiny_config("llava_onevision")
     adapter = adapter_for(config)
-    (kind,) = adapter.media
+    kind = adapter.media[0]
     batch = _batch(config, 12)
     counts = torch.tensor(_images_per_sample(batch, config))
     flat = dict(batch, batch_num_images=torch.ones(int(counts.sum()), dtype=torch.int64))
@@ -170,12 +175,12 @@ def test_onevision_rejects_a_batch_num_images_that_does_not_match_the_samples() 
 # --- two gloo ranks ---------------------------------------------------------------------------
 
 
-def _run_case(model_type: str, schedule: str, seed: int) -> dict[str, Any]:
+def _run_case(model_type: str, schedule: str, seed: int, videos: bool) -> dict[str, Any]:
     from pp_media._hf.pipeline import build_vlm_pipeline
 
     config, source = _model(model_type)
     reference = copy.deepcopy(source)
-    batch = _batch(config, seed)
+    batch = _batch(config, seed, videos)
     ref_loss = reference(**batch).loss
     ref_loss.backward()
     full = dict(reference.named_parameters())
@@ -200,16 +205,18 @@ def _run_case(model_type: str, schedule: str, seed: int) -> dict[str, Any]:
             ref_grads[name] for name in named if name.startswith("model.vision_tower.")
         ),
         "images": _images_per_sample(batch, config),
+        "videos": placeholder_runs(batch["input_ids"], getattr(config, "video_token_id", -1)),
     }
+
+
+def _key(model_type: str, schedule: str, seed: int, videos: bool) -> str:
+    return f"{model_type}/{schedule}/{seed}" + ("/videos" if videos else "")
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
     """Entry point of one rank (``torch.multiprocessing`` spawn): every parity case, in order."""
     quiet_transformers()
-    runs = (
-        (f"{model_type}/{schedule}/{seed}", partial(_run_case, model_type, schedule, seed))
-        for model_type, schedule, seed in PARITY_CASES
-    )
+    runs = ((_key(*case), partial(_run_case, *case)) for case in PARITY_CASES)
     run_cases_on_rank(rank, port, out_dir, runs, world_size=2)
 
 
@@ -225,14 +232,14 @@ def parity(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize(
-    ("model_type", "schedule", "seed"),
+    ("model_type", "schedule", "seed", "videos"),
     PARITY_CASES,
-    ids=[f"{m}-{s}-seed{seed}" for m, s, seed in PARITY_CASES],
+    ids=[_key(*case).replace("/", "-") for case in PARITY_CASES],
 )
 def test_pipelined_step_equals_the_unsplit_model(
-    parity: list[dict[str, Any]], model_type: str, schedule: str, seed: int
+    parity: list[dict[str, Any]], model_type: str, schedule: str, seed: int, videos: bool
 ) -> None:
-    key = f"{model_type}/{schedule}/{seed}"
+    key = _key(model_type, schedule, seed, videos)
     per_rank = case_results(parity, key)
     images = per_rank[0]["images"]
     assert images[0] == 0 and max(images) >= 2 and 1 in images, images
@@ -241,6 +248,9 @@ def test_pipelined_step_equals_the_unsplit_model(
         assert [0, 0] in microbatches, "a text-only microbatch"
     if seed in (9, 12):
         assert any(1 in mb and max(mb) > 1 for mb in microbatches), "one image beside several"
+    if videos:
+        with_videos = [i for i, n in enumerate(per_rank[0]["videos"]) if n]
+        assert with_videos and any(images[i] for i in with_videos), "videos beside images"
     (holder,) = [result for result in per_rank if result["loss"] is not None]
     loss_err = abs(holder["loss"] - holder["ref_loss"])
     assert loss_err <= LOSS_TOLERANCE, f"|loss - reference| = {loss_err:.3e}"

@@ -52,11 +52,29 @@ def _merge(vision: Any) -> int:
     return vision.merge_kernel_size[0]
 
 
-def builds_videos(config: Any) -> bool:
-    """Whether ``synthetic_batch(..., videos=True)`` can lay out this family's videos: flat
-    patches with a ``video_grid_thw`` (Qwen-VL, Kimi-K2.5)."""
+def _flat_videos(config: Any) -> bool:
+    """Videos as flat patches with a ``video_grid_thw`` (Qwen-VL, Kimi-K2.5)."""
     vision = getattr(config, "vision_config", None)
     return hasattr(vision, "spatial_merge_size") or hasattr(vision, "merge_kernel_size")
+
+
+def builds_videos(config: Any) -> bool:
+    """Whether ``synthetic_batch(..., videos=True)`` can lay out this family's videos: flat
+    patches with a ``video_grid_thw`` (Qwen-VL, Kimi-K2.5), or one ``[frames, C, H, W]`` row
+    per video (LLaVA-OneVision)."""
+    return _flat_videos(config) or config.model_type == "llava_onevision"
+
+
+#: Frames of every per-row video (the OneVision video processor samples a fixed count).
+VIDEO_FRAMES = 2
+
+
+def _video_rows(config: Any, generator: torch.Generator, n_videos: int) -> dict[str, torch.Tensor]:
+    """Videos one row each, ``[n_videos, frames, C, S, S]`` at the vision tower's size, as
+    LLaVA-OneVision's video processor emits them (it needs torchvision; built directly)."""
+    size = config.vision_config.image_size
+    pixels = torch.randn(n_videos, VIDEO_FRAMES, 3, size, size, generator=generator)
+    return {"pixel_values_videos": pixels}
 
 
 def _grid_side(pixels: int, vision: Any) -> int:
@@ -121,8 +139,12 @@ def synthetic_batch(
     if videos:
         video_counts[1::3] = 1
         if int(video_counts.sum()):
-            row_shape = _image_row_shape(config)
-            batch.update(_videos(config, generator, int(video_counts.sum()), row_shape))
+            n_videos = int(video_counts.sum())
+            if _flat_videos(config):
+                row_shape = _image_row_shape(config)
+                batch.update(_videos(config, generator, n_videos, row_shape))
+            else:
+                batch.update(_video_rows(config, generator, n_videos))
 
     image_tokens = adapter.tokens_per_item(config, image_kind, batch).tolist() if flat else []
     if image_kind.rows_per_sample and flat:
@@ -135,7 +157,9 @@ def synthetic_batch(
     video_tokens: list[tuple[int, int]] = []
     if int(video_counts.sum()):
         tokens = adapter.tokens_per_item(config, adapter.media[1], batch).tolist()
-        video_tokens = list(zip(batch["video_grid_thw"][:, 0].tolist(), tokens, strict=True))
+        grid = batch.get("video_grid_thw")
+        frames = grid[:, 0].tolist() if grid is not None else [VIDEO_FRAMES] * len(tokens)
+        video_tokens = list(zip(frames, tokens, strict=True))
     start, end = _separators(config)
 
     def placeholder_run(token: int, n_tokens: int) -> list[int]:
@@ -208,11 +232,15 @@ def default_seq_len(config: Any, *, max_images: int = 3, videos: bool = False) -
     per_image = int(adapter.tokens_per_item(config, adapter.media[0], media).max())
     separators = 2 if _separators(config)[0] is not None else 0
     longest = 3 + max_images * (per_image + separators + 2) + 11
-    if videos:
+    if videos and _flat_videos(config):
         vision = config.vision_config
         grid = torch.tensor(
             [[2, _grid_side(h, vision), _grid_side(w, vision)] for h, w in IMAGE_SIZES]
         )
         per_video = adapter.tokens_per_item(config, adapter.media[1], {"video_grid_thw": grid})
+        longest += int(per_video.max()) + 2 * (separators + 1)
+    elif videos:
+        probe = _video_rows(config, generator, 1)
+        per_video = adapter.tokens_per_item(config, adapter.media[1], probe)
         longest += int(per_video.max()) + 2 * (separators + 1)
     return -(-longest // 16) * 16

@@ -307,18 +307,10 @@ def _plan_layout(batch: Mapping[str, Any], batch_size: int) -> _Layout:
         else:
             _plan_step3(layout, present)
     if "pixel_values_videos" in present:
-        if "video_grid_thw" not in present:
-            raise media_error(
-                "pixel_values_videos",
-                present["pixel_values_videos"],
-                "'video_grid_thw' beside it (one [t, h, w] row per video)",
-                "Keep the processor's video_grid_thw in the collated batch.",
-            )
         rows = [key for key in VIDEO_ROW_KEYS if key in present]
         layout.consumed |= set(rows)
-        _plan_group(
-            layout, present, "pixel_values_videos", "video_grid_thw", "n_videos_per_sample", rows
-        )
+        grid = "video_grid_thw" if "video_grid_thw" in present else None
+        _plan_group(layout, present, "pixel_values_videos", grid, "n_videos_per_sample", rows)
     for key in _VLM_MEDIA_KEYS:
         if key in present and key not in layout.consumed:
             if key in ("video_grid_thw", "n_videos_per_sample"):

@@ -143,19 +143,14 @@ def _plan_videos(
     n_microbatches: int,
     reader: DeferredHostRead,
 ) -> Finish:
-    """The plan for the video group (a video grid is required)."""
-    if "video_grid_thw" not in present:
-        raise media_error(
-            "pixel_values_videos",
-            present["pixel_values_videos"],
-            "'video_grid_thw' beside it (one [t, h, w] row per video)",
-            "Keep the processor's video_grid_thw in the collated batch.",
-        )
+    """The plan for the video group: flat patches with ``video_grid_thw`` (Qwen-VL), or one
+    row per video mapped by ``n_videos_per_sample`` (LLaVA-OneVision's ``[n, frames, ...]``)."""
+    grid = "video_grid_thw" if "video_grid_thw" in present else None
     group = MediaGroup(
         "pixel_values_videos",
         present["pixel_values_videos"],
-        "video_grid_thw",
-        present["video_grid_thw"],
+        grid,
+        present[grid] if grid else None,
         "n_videos_per_sample",
         present.get("n_videos_per_sample"),
         tuple((key, present[key]) for key in layout.video_extras),

@@ -32,6 +32,16 @@ Finish = Callable[[list[list[int]]], Chunks]
 #: reduce on the device first, so the read stays M-sized and Python never loops over items.
 HOST_SUM_MAX = 512
 
+#: The grid that flat patches of a pixel field are described by, named when it is missing.
+_GRID_OF = {"pixel_values_videos": "video_grid_thw", "pixel_values": "image_grid_thw"}
+
+
+def _missing_grid_hint(group: MediaGroup) -> str:
+    """Counts that miss the rows of a grid-less group often mean flat patches lost their grid."""
+    if group.grid_name is not None or group.pixels_name not in _GRID_OF:
+        return ""
+    return f" Flat patches need their grid beside them ('{_GRID_OF[group.pixels_name]}')."
+
 
 def sizes_between(bounds: Sequence[int]) -> list[int]:
     """Row counts between consecutive ``bounds``."""
@@ -178,7 +188,7 @@ def plan_media_group(
                     counts,
                     f"counts that sum to {n_items}, the rows of '{items_name}' "
                     f"(shape {tuple(items.shape)})",
-                    f"They sum to {item_b[-1]}.",
+                    f"They sum to {item_b[-1]}." + _missing_grid_hint(group),
                 )
             if not per_item:
                 if host_sums:

@@ -17,6 +17,7 @@ hands the engine only the text fields), so it is never split by rows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from types import SimpleNamespace
@@ -29,6 +30,7 @@ from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind, _flat
 
 IMAGES = replace(base.IMAGES, feature_fields=("image_sizes",))
+VIDEOS = base.VIDEOS
 
 #: A one-character placeholder string: the length of ``replace_image_token``'s result is then
 #: the image's token count.
@@ -128,13 +130,13 @@ class LlavaOnevisionAdapter(FamilyAdapter):
     and ``features`` take from ``n_images_per_sample`` (the microbatch's chunk of it, which the
     core splits per sample) or, on the whole batch before counts exist, from the processor's
     ``batch_num_images``; stage 0, which gets no counts, reads the microbatch's own
-    ``batch_num_images`` that ``stage_media`` adds. Images only: the core needs
-    ``video_grid_thw`` beside ``pixel_values_videos``, which this family's video processor
-    does not emit."""
+    ``batch_num_images`` that ``stage_media`` adds. Videos are one row per video,
+    ``[n_videos, frames, C, H, W]``, each giving ``frames * ceil(side / 2)**2 + 1``
+    placeholders (pooled patches plus a newline)."""
 
     model_types = ("llava_onevision",)
     vision_paths = ("model.vision_tower", "model.multi_modal_projector", "model.image_newline")
-    media = (IMAGES,)
+    media = (IMAGES, VIDEOS)
     #: The processor learns which images share a sample only from images grouped by sample.
     images_by_sample = True
 
@@ -150,6 +152,12 @@ class LlavaOnevisionAdapter(FamilyAdapter):
     def tokens_per_item(
         self, config: Any, kind: MediaKind, media: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
+        if kind.name == "video":
+            vision = config.vision_config
+            pooled = math.ceil(vision.image_size // vision.patch_size / 2)
+            frames = media[kind.pixel_field].shape[1]
+            videos = media[kind.pixel_field].shape[0]
+            return torch.full((videos,), frames * pooled * pooled + 1, dtype=torch.int64)
         per_sample = batch_num_images(media, kind)
         n_images = media[kind.pixel_field].shape[0]
         if per_sample is None:
@@ -165,6 +173,8 @@ class LlavaOnevisionAdapter(FamilyAdapter):
     def features(
         self, base_model: nn.Module, kind: MediaKind, media: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if kind.name == "video":
+            return super().features(base_model, kind, media)
         output = base_model.get_image_features(
             media[kind.pixel_field],
             media["image_sizes"],
