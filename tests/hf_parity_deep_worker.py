@@ -1,15 +1,23 @@
 """Deeper Hugging Face parity cases on 2 real gloo ranks: Qwen3-VL deepstack, Idefics3 /
-SmolVLM per-sample pixel rows, InternVL tiles per image, tied Qwen3-VL through SGD steps.
+SmolVLM per-sample pixel rows, InternVL tiles per image, tied Qwen3-VL through SGD steps,
+Qwen3.5's mixed linear- and full-attention decoder, Kimi-K2.5's flat patches and time-pooled
+videos (DeepSeek-V3 MoE text model), Step3p7's global views and local crops (MoE text model).
 
 Each case builds the same tiny VLM on both ranks (``tiny_config``, fp32, dropout 0, train
-mode); a deep copy is the reference, run on the whole batch with its own ``labels``. The
-pipeline from ``build_vlm_pipeline`` then runs the same batch (6 samples, 4 microbatches) and
-each rank records its loss and gradient differences from the reference, by the unsplit model's
-parameter names. Besides, per case: what the batch holds (placeholders per sample, pixel rows,
-tiles per image, video frames), the stages' layers, what every later stage received from the
-previous one (forward pre-hooks: how many tensors, and how large the carried deepstack
-features were), and for Qwen3-VL the reference's loss with deepstack switched off.
-``test_hf_parity_deep.py`` spawns ``worker`` once for all cases and asserts on the JSON.
+mode; always ``from_config``, never a checkpoint); a deep copy is the reference, run on the
+whole batch with its own ``labels``. The pipeline from ``build_vlm_pipeline`` then runs the
+same batch (6 samples, 4 microbatches) and each rank records its loss and gradient differences
+from the reference, by the unsplit model's parameter names. Besides, per case: what the batch
+holds (placeholders per sample, pixel rows, tiles per image, video frames, local crops), the
+stages' layers and the layer types each stage's text model sees and holds, what every later
+stage received from the previous one (forward pre-hooks: how many tensors, and how large the
+carried deepstack features were), and for Qwen3-VL the reference's loss with deepstack switched
+off. ``test_hf_parity_deep.py`` spawns ``worker`` once for all cases and asserts on the JSON.
+
+Kimi-K2.5's and Step3p7's image processors need torchvision, which is not importable beside
+the CPU build of torch here: ``synthetic_batch`` gets their media from the stand-ins that
+``tiny_models.image_processor`` returns (``FlatPatchLayout``, ``Step3Layout``), which emit the
+processors' field names and layout, not their resized pixel values.
 
 Self-contained on purpose (it does not import ``hf_parity_worker``, which changes often); the
 rank plumbing and the comparisons come from ``tests.helpers.ranks`` and ``tests.helpers.parity``.
@@ -76,7 +84,11 @@ def cases() -> list[Case]:
     [4, 5), [5, 6). Seeds: Qwen3-VL seed 1 leaves microbatch 1 text-only, seed 7 microbatch 0;
     with videos, seed 1 gives microbatches of images and a video, and seed 3 video-only ones.
     Idefics3 / SmolVLM seed 1 leaves microbatch 1 text-only, seed 7 microbatch 0. InternVL
-    seeds 1 and 2 give a sample with images of 1 and 3 tiles."""
+    seeds 1 and 2 give a sample with images of 1 and 3 tiles. Qwen3.5 and Kimi-K2.5 draw the
+    same images as Qwen3-VL (seed 1: microbatch 1 text-only; seed 7: microbatch 0), with
+    videos (grid ``t`` 2) beside images in samples 1 and 4. Step3p7 (one image per sample, no
+    text-only sample): seed 1 gives local crops in samples 1 to 4 (microbatch 3 none), seed 3
+    in samples 2, 3 and 5 (microbatches 0 and 2 none)."""
     return [
         Case("qwen3_vl", "1F1B"),
         Case("qwen3_vl", "Interleaved1F1B"),
@@ -89,6 +101,13 @@ def cases() -> list[Case]:
         Case("internvl", "1F1B"),
         Case("internvl", "GPipe", seed=2),
         Case("qwen3_vl", "1F1B", tied=True, sgd_steps=2),
+        Case("qwen3_5", "1F1B"),
+        Case("qwen3_5", "Interleaved1F1B", seed=7),
+        Case("qwen3_5", "1F1B", videos=True),
+        Case("kimi_k25", "1F1B"),
+        Case("kimi_k25", "1F1B", videos=True),
+        Case("step3p7", "1F1B"),
+        Case("step3p7", "GPipe", seed=3),
     ]
 
 
@@ -111,7 +130,7 @@ def describe_batch(batch: dict[str, torch.Tensor], config: Any) -> dict[str, Any
     if video_token is not None:
         info["video_tokens"] = (input_ids == video_token).sum(1).tolist()
         info["video_runs"] = placeholder_runs(input_ids, video_token)
-    for name in ("image_grid_thw", "video_grid_thw", "num_patches"):
+    for name in ("image_grid_thw", "video_grid_thw", "num_patches", "num_local_patches"):
         if name in batch:
             info[name] = batch[name].tolist()
     if config.model_type in ("idefics3", "smolvlm") and "pixel_values" in batch:
@@ -119,6 +138,17 @@ def describe_batch(batch: dict[str, torch.Tensor], config: Any) -> dict[str, Any
         info["real_crops"] = (~(pixels == 0).flatten(2).all(-1)).sum(1).tolist()
         info["zero_rows"] = [bool((row == 0).all()) for row in pixels]
     return info
+
+
+def stage_layer_types(stage: Any) -> dict[str, list[Any]]:
+    """The layer types of one stage's text model: ``view``, its own (cut) config's
+    ``layer_types``; ``modules``, each held decoder layer's ``block_type`` (Qwen3.5: which
+    token mixer it was built with; None for families without one)."""
+    text = stage.get_submodule(stage.adapter.text_model_path)
+    return {
+        "view": list(getattr(text.config, "layer_types", None) or []),
+        "modules": [getattr(layer, "block_type", None) for layer in text.layers],
+    }
 
 
 # --- comparisons -----------------------------------------------------------------------------
@@ -219,6 +249,8 @@ def run_case(rank: int, case: Case) -> dict[str, Any]:
         "stages": [stage.stage_index for stage in pipe.stages],
         "stage_layers": {str(s.stage_index): list(s.layer_indices) for s in pipe.stages},
         "first_layers": {str(s.stage_index): s.first_layer for s in pipe.stages},
+        "layer_types": getattr(config.get_text_config(), "layer_types", None),
+        "stage_layer_types": {str(s.stage_index): stage_layer_types(s) for s in pipe.stages},
         "layer_feature_count": adapter.layer_feature_count(config),
         "n_layers": config.get_text_config().num_hidden_layers,
         "has_first_stage": pipe.has_first_stage,

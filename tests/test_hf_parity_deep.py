@@ -1,21 +1,38 @@
 """Hugging Face stage splitting, deeper cases: Qwen3-VL deepstack carried across stages,
-Idefics3 / SmolVLM per-sample pixel rows, InternVL tiles per image, tied Qwen3-VL embeddings.
+Idefics3 / SmolVLM per-sample pixel rows, InternVL tiles per image, tied Qwen3-VL embeddings,
+Qwen3.5's mixed linear- and full-attention decoder, Kimi-K2.5's flat patches and time-pooled
+videos, Step3p7's global views and local crops (Kimi-K2.5 and Step3p7 with MoE text models).
 
 Same pattern as ``test_hf_parity.py``: one 2-rank gloo spawn (``hf_parity_deep_worker.py``) runs
 every case; each case builds the same tiny random VLM on both ranks (fp32, dropout 0, train
 mode), the unsplit deep copy is the reference on the whole batch with its own ``labels``, and
 one pipelined step of that batch (6 samples in 4 microbatches [0, 2), [2, 4), [4, 5), [5, 6);
-text-only samples in every batch) must give the reference's loss on the last stage's rank and
-the reference's gradient for *every* parameter each rank holds, by the unsplit model's names.
-No batch carries ``n_images_per_sample`` / ``n_videos_per_sample``: the pipeline derives the
-counts from the placeholders (Idefics3 / SmolVLM: from the per-sample pixel rows).
+text-only samples in every batch but Step3p7's, whose samples carry one image each) must give
+the reference's loss on the last stage's rank and the reference's gradient for *every*
+parameter each rank holds, by the unsplit model's names. No batch carries
+``n_images_per_sample`` / ``n_videos_per_sample``: the pipeline derives the counts from the
+placeholders (Idefics3 / SmolVLM: from the per-sample pixel rows; Step3p7: one image each).
 
 Cases: Qwen3-VL images under 1F1B, Interleaved1F1B (4 stages of 1 layer) and ZBVZeroBubble;
 Qwen3-VL images and videos in one batch (each video frame its own placeholder run) under 1F1B
 and Interleaved1F1B; Idefics3 under 1F1B and Interleaved1F1B, SmolVLM under 1F1B, each batch
 with a whole text-only microbatch (all-zero pixel rows); InternVL under 1F1B and GPipe with
 several images of 1 and 3 tiles in one sample; tied Qwen3-VL embeddings (1F1B, copies on two
-ranks) through 2 SGD steps.
+ranks) through 2 SGD steps; Qwen3.5 (Qwen3-VL's vision without deepstack; decoder layers
+alternating linear attention and full attention by ``layer_types``) under 1F1B (2 layers per
+stage, one of each type) and Interleaved1F1B (4 stages of 1 layer, each stage one type: each
+stage's text model must see its own slice of ``layer_types``), and with frame-separated video
+runs beside images under 1F1B; Kimi-K2.5 (flat ``[n, 3, 14, 14]`` patches with
+``image_grid_thw``; DeepSeek-V3 MoE text model) under 1F1B with images, and with videos
+(``pixel_values_videos [t*h*w, 3, 14, 14]`` with ``video_grid_thw``, features pooled over time:
+one run of ``h*w/4`` placeholders per video) beside images; Step3p7 (one ``[3, 112, 112]``
+global view per sample plus flat ``[3, 56, 56]`` local crops counted by ``num_local_patches``;
+MoE text model) under 1F1B and GPipe, each batch with samples and microbatches with and
+without crops. Kimi-K2.5's and Step3p7's image processors need torchvision, which is not
+importable beside the CPU build of torch here: their batches come from the stand-ins
+``tiny_models.image_processor`` returns (``FlatPatchLayout``, ``Step3Layout``), which emit the
+processors' fields and layout but not their resized pixel values. All models are built with
+``from_config`` in the worker, none loaded from a checkpoint.
 
 Deepstack: the tiny Qwen3-VL adds vision features after decoder layers 0, 1 and 2
 (``deepstack_visual_indexes [0, 1, 2]``), so stage 0 must send the features of the layers it
@@ -48,11 +65,18 @@ smolvlm/images/1F1B/seed1                4.8e-7  1.1e-8
 internvl/images/1F1B/seed1               0       6.0e-8
 internvl/images/GPipe/seed2              0       7.5e-8
 qwen3_vl/images/1F1B/tied/sgd2/seed1     0       4.5e-8   1.2e-7
+qwen3_5/images/1F1B/seed1                0       1.2e-8
+qwen3_5/images/Interleaved1F1B/seed7     4.8e-7  1.5e-8
+qwen3_5/videos/1F1B/seed1                4.8e-7  1.5e-8
+kimi_k25/images/1F1B/seed1               4.8e-7  1.1e-8
+kimi_k25/videos/1F1B/seed1               4.8e-7  3.0e-8
+step3p7/images/1F1B/seed1                4.8e-7  3.2e-8
+step3p7/images/GPipe/seed3               0       3.4e-8
 =======================================  ======  =======  =======
 
-The largest reference gradients are 0.07 to 0.5; the largest vision-tower gradients 0.028
-(Idefics3 / SmolVLM) to 0.50 (InternVL), Qwen3-VL's deepstack mergers 0.08 to 0.12, all far
-above the gradient tolerance, so the vision halves of the checks are not vacuous. The two
+The largest reference gradients are 0.065 to 0.5; the largest vision-tower gradients 0.019
+(Step3p7) to 0.50 (InternVL), Qwen3-VL's deepstack mergers 0.08 to 0.12, all far above the
+gradient tolerance, so the vision halves of the checks are not vacuous. The two
 copies of the tied embedding stay bit-for-bit equal. ``pytest -s`` prints the table again.
 """
 
@@ -79,7 +103,12 @@ CASES = worker_module.cases()
 KEYS = [case.key for case in CASES]
 QWEN3 = [case for case in CASES if case.model_type == "qwen3_vl"]
 TIED = [case for case in CASES if case.tied]
+QWEN3_5 = [case for case in CASES if case.model_type == "qwen3_5"]
 N = worker_module.N_MICROBATCHES
+#: Qwen3.5's tiny decoder: ``tiny_config("qwen3_5").text_config.layer_types``.
+QWEN3_5_LAYER_TYPES = ["linear_attention", "full_attention"] * 2
+#: Step3p7's vision tower: 14-pixel patches, then two stride-2 downsamplers.
+STEP3_PATCH, STEP3_DOWNSAMPLE = 14, 4
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +260,40 @@ def test_the_interleaved_deepstack_case_carries_features_through_middle_stages(
         assert carried == {"0": 0, "1": 2, "2": 1, "3": 0}, carried
 
 
+@pytest.mark.parametrize("case", QWEN3_5, ids=[case.key for case in QWEN3_5])
+def test_each_qwen3_5_stage_runs_the_layer_types_of_its_own_layers(
+    results: list[dict[str, Any]], case: worker_module.Case
+) -> None:
+    """Qwen3.5's text model picks each layer's mask by ``config.layer_types[i]`` over the
+    layers it holds: every stage's text model must see ``layer_types`` cut to its own layers
+    (``view``), the types its held layers were built with (``modules``). 1F1B: 2 stages of one
+    linear-attention and one full-attention layer; Interleaved1F1B: 4 stages of 1 layer, each
+    stage one type (rank 0's stages 0 and 2 linear attention, rank 1's stages 1 and 3 full
+    attention), so a stage that saw the unsplit list would give its full-attention layer the
+    linear-attention mask (a 2-D integer mask, which SDPA refuses). Later stages receive the
+    hidden states and position ids only."""
+    per_rank = case_results(results, case.key)
+    layer_types = per_rank[0]["layer_types"]
+    assert layer_types == QWEN3_5_LAYER_TYPES
+    layers = {s: v for result in per_rank for s, v in result["stage_layers"].items()}
+    seen = {s: v for result in per_rank for s, v in result["stage_layer_types"].items()}
+    assert sorted(i for held in layers.values() for i in held) == list(range(len(layer_types)))
+    types = {stage: [layer_types[i] for i in held] for stage, held in layers.items()}
+    for stage, expected in types.items():
+        assert seen[stage] == {"view": expected, "modules": expected}, f"stage {stage}"
+    if case.schedule == "Interleaved1F1B":
+        assert layers == {"0": [0], "1": [1], "2": [2], "3": [3]}, layers
+        linear, full = ["linear_attention"], ["full_attention"]
+        assert types == {"0": linear, "1": full, "2": linear, "3": full}, types
+    else:
+        assert layers == {"0": [0, 1], "1": [2, 3]}, layers
+        assert all(set(kinds) == set(layer_types) for kinds in types.values()), types
+    for result in per_rank:
+        for stage, calls in result["steps"][0]["received"].items():
+            n_args = 1 if stage == "0" else 2
+            assert all(call["n_args"] == n_args for call in _microbatch_calls(calls)), stage
+
+
 @pytest.mark.parametrize("case", TIED, ids=[case.key for case in TIED])
 def test_tied_embedding_copies_stay_equal_through_sgd_steps(
     results: list[dict[str, Any]], case: worker_module.Case
@@ -261,28 +324,52 @@ def test_tied_embedding_copies_stay_equal_through_sgd_steps(
 
 
 def test_batches_hold_what_the_cases_claim(results: list[dict[str, Any]]) -> None:
-    """Text-only samples everywhere; Qwen3-VL videos beside images, each frame its own
-    placeholder run; Idefics3 / SmolVLM per-sample pixel rows with a whole text-only
-    microbatch of all-zero crops; InternVL images of different tile counts in one sample."""
+    """Text-only samples everywhere but in Step3p7's batches (one image per sample); Qwen3-VL
+    and Qwen3.5 videos beside images, each frame its own placeholder run; Kimi-K2.5 flat
+    ``[3, 14, 14]`` patches, videos pooled over time (one run of ``h*w/4`` per video); Idefics3 /
+    SmolVLM per-sample pixel rows with a whole text-only microbatch of all-zero crops; InternVL
+    images of different tile counts in one sample; Step3p7 samples and microbatches with and
+    without local crops."""
     for case in CASES:
         batch = case_results(results, case.key)[0]["batch"]
-        assert batch["bounds"] == [0, 2, 4, 5, 6]
+        bounds = batch["bounds"]
+        assert bounds == [0, 2, 4, 5, 6]
         tokens = batch["image_tokens"]
         videos = batch.get("video_tokens", [0] * len(tokens))
-        assert tokens[0] == videos[0] == 0, f"{case.key}: sample 0 is text-only"
+        if case.model_type == "step3p7":
+            assert batch["image_runs"] == [1] * worker_module.BATCH_SIZE, "one image per sample"
+        else:
+            assert tokens[0] == videos[0] == 0, f"{case.key}: sample 0 is text-only"
         assert any(tokens), f"{case.key}: the batch has images"
         shapes = batch["shapes"]
         if case.videos:
             assert any(videos) and "pixel_values_videos" in shapes and "pixel_values" in shapes
+            if case.model_type in ("qwen3_5", "kimi_k25"):  # seed 1: samples 1 and 4
+                assert any(t and v for t, v in zip(tokens, videos, strict=True)), "both in one"
             grids = batch["video_grid_thw"]
-            assert sum(batch["video_runs"]) == sum(t for t, _, _ in grids), "a run per frame"
+            assert shapes["pixel_values_videos"][0] == sum(t * h * w for t, h, w in grids)
             assert any(t > 1 for t, _, _ in grids), f"{case.key}: a video of several frames"
+            if case.model_type == "kimi_k25":  # pooled over time: one run per video
+                assert sum(batch["video_runs"]) == len(grids)
+                assert [v for v in videos if v] == [h * w // 4 for _, h, w in grids]
+            else:
+                assert sum(batch["video_runs"]) == sum(t for t, _, _ in grids), "a run per frame"
+                assert [v for v in videos if v] == [t * h * w // 4 for t, h, w in grids]
+        if case.model_type == "kimi_k25":
+            grids, runs = batch["image_grid_thw"], batch["image_runs"]
+            assert shapes["pixel_values"] == [sum(t * h * w for t, h, w in grids), 3, 14, 14]
+            if case.videos:
+                assert shapes["pixel_values_videos"][1:] == [3, 14, 14]
+            offsets = [sum(runs[:i]) for i in range(len(runs) + 1)]
+            assert tokens == [
+                sum(h * w // 4 for _, h, w in grids[offsets[i] : offsets[i + 1]])
+                for i in range(len(runs))
+            ]
         if case.model_type in ("idefics3", "smolvlm"):
             pixels = shapes["pixel_values"]
             assert len(pixels) == 5 and pixels[0] == worker_module.BATCH_SIZE
             assert "pixel_attention_mask" in shapes
             assert batch["real_crops"] == batch["image_runs"], "one crop per image (no split)"
-            bounds = batch["bounds"]
             text_only = [
                 not any(tokens[bounds[k] : bounds[k + 1]])
                 and all(batch["zero_rows"][bounds[k] : bounds[k + 1]])
@@ -298,6 +385,20 @@ def test_batches_hold_what_the_cases_claim(results: list[dict[str, Any]]) -> Non
             per_tile = sum(tokens) // sum(tiles)
             assert [sum(t) * per_tile for t in per_sample] == tokens
             assert any(len(t) >= 2 and len(set(t)) > 1 for t in per_sample), per_sample
+        if case.model_type == "step3p7":
+            crops = batch["num_local_patches"]
+            views, local = shapes["pixel_values"], shapes["pixel_values_local"]
+            assert views[0] == worker_module.BATCH_SIZE and local[0] == sum(crops)
+            assert local[-1] < views[-1], "local crops are smaller than the global view"
+
+            def per_view(side: int) -> int:
+                return (side // STEP3_PATCH // STEP3_DOWNSAMPLE) ** 2
+
+            assert per_view(local[-1]) > 0
+            assert tokens == [per_view(views[-1]) + n * per_view(local[-1]) for n in crops]
+            assert 0 in crops and any(crops), f"{case.key}: samples with and without crops"
+            per_microbatch = [sum(crops[bounds[k] : bounds[k + 1]]) for k in range(N)]
+            assert 0 in per_microbatch and any(per_microbatch), per_microbatch
 
 
 def test_measured_maxima(results: list[dict[str, Any]], capsys: pytest.CaptureFixture) -> None:
