@@ -12,6 +12,22 @@ from torch import nn
 from pp_media._hf.families.base import IMAGES, FamilyAdapter, MediaKind
 
 
+def _mask_arguments(
+    config: Any,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+) -> dict[str, Any]:
+    """What the base models pass to transformers' mask builders, for this stage's microbatch."""
+    return {
+        "config": config.get_text_config(),
+        "inputs_embeds": hidden,
+        "attention_mask": attention_mask,
+        "cache": None,
+        "position_ids": position_ids,
+    }
+
+
 def _rows(media: Mapping[str, torch.Tensor], per_row: int) -> torch.Tensor:
     return torch.full((media["pixel_values"].shape[0],), per_row, dtype=torch.int64)
 
@@ -41,13 +57,7 @@ class Gemma3Adapter(FamilyAdapter):
     ) -> Any:
         from transformers.models.gemma3 import modeling_gemma3 as gemma3
 
-        mask_kwargs = {
-            "config": config.get_text_config(),
-            "inputs_embeds": hidden,
-            "attention_mask": attention_mask,
-            "cache": None,
-            "position_ids": position_ids,
-        }
+        mask_kwargs = _mask_arguments(config, hidden, attention_mask, position_ids)
         token_type_ids = fields.get("token_type_ids")
         if token_type_ids is None:
             return gemma3.create_masks_for_generate(**mask_kwargs)
@@ -92,13 +102,7 @@ class PaliGemmaAdapter(FamilyAdapter):
         from transformers.models.paligemma import modeling_paligemma as paligemma
 
         text_config = config.get_text_config()
-        mask_kwargs: dict[str, Any] = {
-            "config": text_config,
-            "inputs_embeds": hidden,
-            "attention_mask": attention_mask,
-            "cache": None,
-            "position_ids": position_ids,
-        }
+        mask_kwargs = _mask_arguments(config, hidden, attention_mask, position_ids)
         token_type_ids = fields.get("token_type_ids")
         if token_type_ids is not None:
             mask_kwargs["block_sequence_ids"] = torch.where(token_type_ids == 0, 0, -1)
