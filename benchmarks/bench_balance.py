@@ -43,6 +43,7 @@ The exit code is always 0: the script reports, it does not judge.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -54,7 +55,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -74,15 +75,17 @@ from pp_media._pipeline.staging import MediaStaging, microbatch_media_kwargs  # 
 
 WORLD_SIZE = 2
 BATCH, MICROBATCHES, SEQ = 160, 16, 32
-HIDDEN, VOCAB, PATCH_DIM, VISION_WIDTH = 48, 128, 48, 144
+HIDDEN, VOCAB, PATCH_DIM = 48, 128, 48
 N_BLOCKS = 6
 MEAN_PATCHES = 128
 IMAGE_TOKEN = 1
 WORKLOADS = ("uniform", "long_tail", "mixed")
 SCHEDULES = ("1F1B", "Interleaved1F1B")
-#: Blocks of each stage. The vision tower costs about 4 blocks for an average microbatch
-#: (measured), so 1F1B: stage 0 = vision + 1 block, stage 1 = 5 blocks + head; interleaved:
-#: vision | 3 blocks | 1 block | 2 blocks + head, ranks {0, 2} and {1, 3} about even.
+#: Blocks of each stage. 1F1B: stage 0 = vision + 1 block, stage 1 = 5 blocks + head;
+#: interleaved: vision | 3 blocks | 1 block | 2 blocks + head. Either way rank 0 runs the
+#: embeddings, the vision tower and 1 block, rank 1 runs 5 blocks and the head; the vision
+#: tower's width is calibrated (``calibrate_vision_width``) so that the two ranks' work is
+#: even for an average microbatch, as a user would partition a real model.
 LAYOUTS = {"1F1B": [(0, 1), (1, 6)], "Interleaved1F1B": [(0, 0), (0, 3), (3, 4), (4, 6)]}
 
 
@@ -158,11 +161,11 @@ class Block(nn.Module):
 class Vision(nn.Module):
     """Per-patch MLP, then the mean of each image's patches: cost grows with the patches."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int) -> None:
         super().__init__()
-        self.inp = nn.Linear(PATCH_DIM, VISION_WIDTH)
-        self.mid = nn.Linear(VISION_WIDTH, VISION_WIDTH)
-        self.out = nn.Linear(VISION_WIDTH, HIDDEN)
+        self.inp = nn.Linear(PATCH_DIM, width)
+        self.mid = nn.Linear(width, width)
+        self.out = nn.Linear(width, HIDDEN)
 
     def forward(self, pixel_values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         features = self.out(F.gelu(self.mid(F.gelu(self.inp(pixel_values)))))
@@ -175,10 +178,10 @@ class Vision(nn.Module):
 class FirstStage(nn.Module):
     """Embeddings, the vision tower and some blocks. ``precomputed``: media by forward count."""
 
-    def __init__(self, n_blocks: int) -> None:
+    def __init__(self, n_blocks: int, vision_width: int) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, HIDDEN)
-        self.vision = Vision()
+        self.vision = Vision(vision_width)
         self.blocks = nn.ModuleList(Block() for _ in range(n_blocks))
         self.precomputed: list[dict[str, torch.Tensor]] | None = None
         self.forwards = 0
@@ -230,10 +233,69 @@ class Loss:
 # --- one rank ---------------------------------------------------------------------------------
 
 
+def microbatch_times(
+    module: nn.Module, batch: dict[str, Any], loss: Loss
+) -> list[tuple[float, float]]:
+    """(forward, backward) thread CPU seconds of ``module`` on each microbatch of ``batch``:
+    stage 0 on the microbatch's ids and media, a later stage on random hidden states."""
+    loss.total = int((batch["labels"] != -100).sum())
+    media = batch[pp_media.VLM_PP_MEDIA_KEY]
+    ids = torch.tensor_split(batch["input_ids"], MICROBATCHES)
+    labels = torch.tensor_split(batch["labels"], MICROBATCHES)
+    times = []
+    for k in range(MICROBATCHES):
+        start = time.thread_time()
+        if isinstance(module, FirstStage):
+            out = module(ids[k], **microbatch_media_kwargs({n: c[k] for n, c in media.items()}))
+        else:
+            out = module(torch.randn(ids[k].shape[0], SEQ, HIDDEN, requires_grad=True))
+            if isinstance(module, LaterStage) and module.head is not None:
+                out = loss(out, labels[k])
+        middle = time.thread_time()
+        out.backward(torch.ones_like(out))
+        times.append((middle - start, time.thread_time() - middle))
+    return times
+
+
+def calibrate_vision_width(reps: int) -> tuple[int, float]:
+    """The vision width at which rank 0's work (embeddings, vision, 1 block) equals rank 1's
+    (5 blocks, head, loss) on the average microbatch of the uniform workload, by bisection on
+    the fastest of ``reps`` timings. Returns it and rank 1's time per microbatch (seconds)."""
+    torch.manual_seed(0)
+    batch = prepared(make_batch(sample_patches("uniform", random.Random(0)), seed=0), False)
+    loss = Loss()
+
+    def per_microbatch(module: nn.Module) -> float:
+        runs = [microbatch_times(module, batch, loss) for _ in range(reps + 1)][1:]
+        return min(sum(f + b for f, b in run) for run in runs) / MICROBATCHES
+
+    target = per_microbatch(LaterStage(N_BLOCKS - 1, last=True))
+    low, high = 8, 512
+    while high - low > 4:
+        width = (low + high) // 2
+        if per_microbatch(FirstStage(1, width)) < target:
+            low = width
+        else:
+            high = width
+    return (low + high) // 2, target
+
+
+def one_f_one_b_actions(rank: int) -> list[tuple[str, int, int]]:
+    """``Schedule1F1B``'s compute order on ``rank`` (one stage per rank): (ranks - rank)
+    warm-up forwards, then backward / forward pairs."""
+    warmup = min(MICROBATCHES, WORLD_SIZE - rank)
+    order = [("F", rank, k) for k in range(warmup)]
+    for k in range(MICROBATCHES):
+        order.append(("B", rank, k))
+        if warmup + k < MICROBATCHES:
+            order.append(("F", rank, warmup + k))
+    return order
+
+
 class Pipeline:
     """This rank's stages of one schedule, and ways to run or time one step."""
 
-    def __init__(self, rank: int, schedule: str) -> None:
+    def __init__(self, rank: int, schedule: str, vision_width: int) -> None:
         layout = LAYOUTS[schedule]
         n_stages = len(layout)
         self.stage_ids = [rank] if n_stages == WORLD_SIZE else [rank, rank + WORLD_SIZE]
@@ -242,7 +304,7 @@ class Pipeline:
         for index in self.stage_ids:
             start, end = layout[index]
             if index == 0:
-                self.modules.append(FirstStage(end - start))
+                self.modules.append(FirstStage(end - start, vision_width))
             else:
                 self.modules.append(LaterStage(end - start, index == n_stages - 1))
         stages = [
@@ -297,27 +359,9 @@ class Pipeline:
         samples: dict[tuple[str, int, int], list[tuple[float, float]]] = {}
         for rep in range(reps + 1):  # the first round warms up
             for order, batch in batches.items():
-                self.loss.total = int((batch["labels"] != -100).sum())
-                media = batch[pp_media.VLM_PP_MEDIA_KEY]
-                ids = torch.tensor_split(batch["input_ids"], MICROBATCHES)
-                labels = torch.tensor_split(batch["labels"], MICROBATCHES)
                 for module, index in zip(self.modules, self.stage_ids, strict=True):
-                    for k in range(MICROBATCHES):
-                        start = time.thread_time()
-                        if index == 0:
-                            kwargs = microbatch_media_kwargs(
-                                {name: chunks[k] for name, chunks in media.items()}
-                            )
-                            out = module(ids[k], **kwargs)
-                        else:
-                            shape = (ids[k].shape[0], SEQ, HIDDEN)
-                            out = module(torch.randn(shape, requires_grad=True))
-                            if isinstance(module, LaterStage) and module.head is not None:
-                                out = self.loss(out, labels[k])
-                        middle = time.thread_time()
-                        out.backward(torch.ones_like(out))
+                    for k, run in enumerate(microbatch_times(module, batch, self.loss)):
                         if rep:
-                            run = (middle - start, time.thread_time() - middle)
                             samples.setdefault((order, index, k), []).append(run)
         return {
             order: {
@@ -339,14 +383,7 @@ class Pipeline:
                     kind = action.computation_type.value
                     parsed.append((kind, action.stage_index, action.microbatch_index))
             return parsed
-        # Schedule1F1B: (num_stages - stage) warm-up forwards, then backward / forward pairs.
-        m, warmup = MICROBATCHES, min(MICROBATCHES, WORLD_SIZE - rank)
-        order = [("F", rank, k) for k in range(warmup)]
-        for k in range(m):
-            order.append(("B", rank, k))
-            if warmup + k < m:
-                order.append(("F", rank, warmup + k))
-        return order
+        return one_f_one_b_actions(rank)
 
 
 def staging_runs(pipe: Pipeline, batch: dict[str, Any], reps: int) -> dict[str, Any]:
@@ -408,7 +445,7 @@ def staging_cost(pipe: Pipeline, batch: dict[str, Any], reps: int = 300) -> tupl
     return per_step, max(0.0, wrapped - bare) / MICROBATCHES
 
 
-def worker(rank: int, port: int, out_dir: str, quick: bool) -> None:
+def worker(rank: int, port: int, out_dir: str, quick: bool, vision_width: int) -> None:
     """One rank: every schedule and workload; rank 0's step times, both ranks' stage times."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -426,7 +463,7 @@ def worker(rank: int, port: int, out_dir: str, quick: bool) -> None:
         }
     try:
         for schedule in SCHEDULES:
-            pipe = Pipeline(rank, schedule)
+            pipe = Pipeline(rank, schedule, vision_width)
             for _ in range(2):  # shape inference, warm-up
                 pipe.step(batches[WORKLOADS[0]]["natural"])
             for workload in WORKLOADS:
@@ -603,6 +640,142 @@ def report(results: list[dict[str, Any]]) -> None:
         )
 
 
+# --- the model: many random orders --------------------------------------------------------
+
+
+def extreme_patches(rng: random.Random) -> list[int]:
+    """The most favourable long tail for balancing: one heavy sample per microbatch holds all
+    the patches, the rest are text-only."""
+    heavy = [BATCH * MEAN_PATCHES // MICROBATCHES] * MICROBATCHES
+    patches = heavy + [0] * (BATCH - MICROBATCHES)
+    rng.shuffle(patches)
+    return patches
+
+
+def microbatch_sums(values: list[int]) -> list[int]:
+    """Per-microbatch sums of per-sample values, over the engine's rows per microbatch."""
+    sizes = (len(chunk) for chunk in torch.tensor_split(torch.arange(BATCH), MICROBATCHES))
+    bounds = [0, *itertools.accumulate(sizes)]
+    return [sum(values[bounds[k] : bounds[k + 1]]) for k in range(MICROBATCHES)]
+
+
+def balanced_patches(patches: list[int]) -> list[int]:
+    """Per-microbatch patches after ``balance_microbatches`` with these per-sample costs."""
+    batch = {"input_ids": torch.zeros(BATCH, 1, dtype=torch.int64)}
+    order = pp_media.balance_microbatches(batch, BATCH, MICROBATCHES, cost=torch.tensor(patches))
+    return microbatch_sums([patches[i] for i in order.tolist()])
+
+
+def fit_stage0(results: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    """Least-squares ``time = a + b * patches`` of stage 0's forward and of its backward, over
+    the measured microbatches of both orders of one case."""
+    xs: list[float] = []
+    ys: list[tuple[float, float]] = []
+    batch_index = WORKLOADS.index(key.split("/")[1])
+    natural = make_batch(sample_patches(WORKLOADS[batch_index], random.Random(batch_index)), 0)
+    for order, balance in (("natural", False), ("balanced", True)):
+        times, _ = merged(results, key, order)
+        xs += microbatch_patches(prepared(natural, balance))
+        ys += [tuple(t) for t in times["0"]]
+    fits = []
+    for part in (0, 1):
+        slope, intercept = statistics.linear_regression(xs, [y[part] for y in ys])
+        fits.append((intercept, slope))
+    return fits
+
+
+class CaseModel(NamedTuple):
+    """Stage times of one case as a function of each microbatch's patches."""
+
+    #: (intercept, slope) of stage 0's forward and of its backward against patches.
+    stage0: list[tuple[float, float]]
+    #: Mean measured [forward, backward] of every later stage.
+    later: dict[str, list[float]]
+
+    def times(self, per_microbatch: list[int]) -> Times:
+        (f0, f1), (b0, b1) = self.stage0
+        times = {"0": [[f0 + f1 * p, b0 + b1 * p] for p in per_microbatch]}
+        times.update((stage, [t] * MICROBATCHES) for stage, t in self.later.items())
+        return times
+
+    def extreme(self) -> CaseModel:
+        """No fixed stage-0 cost, and rank 1's stages scaled so that the ranks stay even for
+        an average microbatch (of ``extreme_patches``)."""
+        (_, f1), (_, b1) = self.stage0
+        rank0 = [stage for stage in self.later if int(stage) % WORLD_SIZE == 0]
+        work0 = (f1 + b1) * BATCH * MEAN_PATCHES / MICROBATCHES
+        work0 += sum(sum(self.later[stage]) for stage in rank0)
+        work1 = sum(sum(t) for stage, t in self.later.items() if stage not in rank0)
+        later = {
+            stage: t if stage in rank0 else [x * work0 / work1 for x in t]
+            for stage, t in self.later.items()
+        }
+        return CaseModel([(0.0, f1), (0.0, b1)], later)
+
+
+def case_model(results: list[dict[str, Any]], key: str) -> CaseModel:
+    """Least-squares ``time = a + b * patches`` of stage 0's forward and backward over the
+    measured microbatches of both orders of one case; the later stages' mean times."""
+    index = WORKLOADS.index(key.split("/")[1])
+    natural = make_batch(sample_patches(WORKLOADS[index], random.Random(index)), seed=index)
+    xs: list[int] = []
+    ys: list[list[float]] = []
+    for order, balance in (("natural", False), ("balanced", True)):
+        times, _ = merged(results, key, order)
+        xs += microbatch_patches(prepared(natural, balance))
+        ys += times["0"]
+    stage0 = []
+    for part in (0, 1):
+        slope, intercept = statistics.linear_regression(xs, [y[part] for y in ys])
+        stage0.append((intercept, slope))
+    later = {
+        stage: [statistics.fmean(t[part] for t in per_mb) for part in (0, 1)]
+        for stage, per_mb in times.items()
+        if stage != "0"
+    }
+    return CaseModel(stage0, later)
+
+
+def modelled(results: list[dict[str, Any]], trials: int) -> None:
+    """Replayed speedup over ``trials`` random natural orders of each workload (``CaseModel``);
+    ``extreme``: every patch in one heavy sample per microbatch, the rest text-only, no fixed
+    stage-0 cost, ranks even: no workload of this pipeline gains more from balancing."""
+    print(
+        f"\nmodelled: replayed natural / balanced over {trials} random natural orders per "
+        "workload\n(stage 0 = intercept + slope x patches of the microbatch, fitted to the "
+        "measured times above)"
+    )
+    header = (
+        f"{'schedule':<16} {'workload':<10} {'mean':>6} {'p10':>6} {'p90':>6} {'max':>6} "
+        f"{'ideal/bal':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for schedule in SCHEDULES:
+        for workload in (*WORKLOADS, "extreme"):
+            key = f"{schedule}/{'long_tail' if workload == 'extreme' else workload}"
+            _, actions = merged(results, key, "balanced")
+            model = case_model(results, key)
+            model = model.extreme() if workload == "extreme" else model
+            ratios, ideals = [], []
+            for trial in range(trials):
+                rng = random.Random(10_000 + trial)
+                if workload == "extreme":
+                    patches = extreme_patches(rng)
+                else:
+                    patches = sample_patches(workload, rng)
+                balanced = model.times(balanced_patches(patches))
+                replay_bal = replay(balanced, actions)
+                ratios.append(replay(model.times(microbatch_sums(patches)), actions) / replay_bal)
+                ideals.append(ideal_bound(balanced) / replay_bal)
+            ratios.sort()
+            print(
+                f"{schedule:<16} {workload:<10} {statistics.fmean(ratios):>6.2f} "
+                f"{ratios[trials // 10]:>6.2f} {ratios[trials * 9 // 10]:>6.2f} "
+                f"{ratios[-1]:>6.2f} {statistics.fmean(ideals):>9.2f}"
+            )
+
+
 def planning_cost(quick: bool) -> None:
     """balance_microbatches' planning (no media copy) next to prepare_vlm_media_for_pp."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -652,14 +825,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
+    vision_width, later_time = calibrate_vision_width(3 if args.quick else 7)
     print(
         f"torch {torch.__version__}, 2 gloo ranks x 1 thread, B={BATCH}, M={MICROBATCHES}, "
-        f"T={SEQ}, hidden {HIDDEN}, vision width {VISION_WIDTH}, {os.cpu_count()} CPUs"
+        f"T={SEQ}, hidden {HIDDEN}, {os.cpu_count()} CPUs; vision width {vision_width}, "
+        f"calibrated so that both ranks take {later_time * 1e3:.1f} ms per average microbatch"
     )
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             worker,
-            args=(_free_port(), out_dir, args.quick),
+            args=(_free_port(), out_dir, args.quick, vision_width),
             nprocs=WORLD_SIZE,
             start_method="spawn",
         )
@@ -667,6 +842,7 @@ def main(argv: list[str] | None = None) -> int:
             json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)
         ]
     report(results)
+    modelled(results, 50 if args.quick else 200)
     planning_cost(args.quick)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0
