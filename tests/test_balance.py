@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import random
+import warnings
 from typing import Any
 from unittest import mock
 
@@ -361,6 +362,45 @@ def pipeline_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, An
         timeout_s=180,
         what="the balanced pipeline runs",
     )
+
+
+@given(batch_specs(), st.sampled_from(PATHS[1::2]))
+def test_the_one_copy_read_of_an_accelerator_plans_the_same(spec: BatchSpec, path: Any) -> None:
+    """The tensor plan's read for batches on an accelerator (sorted costs and sample indices in
+    the same copy as the check values), run on the CPU: the same order and costs."""
+    media = build_batch(spec)
+    with _on_path(path):
+        _, plan = balance_module._plan(media.batch, media.batch_size, 2, None)
+        want = balance_module._permutation(plan, 2)
+        with mock.patch.object(balance_module, "_is_host", lambda device: False):
+            _, packed = balance_module._plan(media.batch, media.batch_size, 2, None)
+            got = balance_module._permutation(packed, 2)
+    if plan is None:
+        assert packed is None
+        return
+    assert torch.equal(torch.as_tensor(packed.by_cost), torch.as_tensor(plan.by_cost))
+    assert torch.equal(torch.as_tensor(packed.sorted_costs), torch.as_tensor(plan.sorted_costs))
+    assert (got is None) == (want is None)
+    assert got is None or torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("path", PATHS)
+def test_planning_on_cuda_synchronises_once(path: tuple[int, int]) -> None:
+    """On a GPU, planning (validation, costs, assignment, order) reads the device once."""
+    media = build_batch(example_spec("qwen", videos=True))
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in media.batch.items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with _on_path(path), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, plan = balance_module._plan(batch, media.batch_size, 2, None)
+            balance_module._permutation(plan, 2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
 
 
 @pytest.mark.parametrize("key", sorted(balance_worker.CASES))

@@ -19,17 +19,21 @@ batch is left as it is (nothing is copied).
 
 Cost: one host read per batch. Small batches read their metadata (counts, patches per item) and
 plan in Python, which takes fewer tensor ops; larger ones plan with tensor ops and read only the
-check values, the batch order's microbatch loads and the costs of the rounds dealt in Python.
-Applying the permutation then copies every re-ordered tensor once (``index_select``).
+check values, the batch order's microbatch loads and the costs of the rounds dealt in Python
+(on an accelerator, the sorted costs and their sample indices come back in the same copy).
+Applying the permutation then copies every re-ordered tensor once (``index_select``) after
+sending the order (and the media's row index) to the media's device.
 """
 
 from __future__ import annotations
 
+import array
 import functools
 import itertools
 import math
 from collections.abc import Callable, Collection, Mapping, MutableMapping
 from dataclasses import dataclass, field
+from operator import add, mul, sub
 from typing import Any, NamedTuple
 
 import torch
@@ -110,7 +114,8 @@ class _Layout:
     consumed: set[str] = field(default_factory=set)
 
     def count(self, values: torch.Tensor, check: Check) -> int:
-        self.counted.append(_Counted(_to(values, values.device, torch.int64), check))
+        """Record a 1-D int64 tensor to check after the read; returns its index."""
+        self.counted.append(_Counted(values, check))
         return len(self.counted) - 1
 
 
@@ -119,6 +124,11 @@ def _to(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch
     if tensor.device == device and tensor.dtype == dtype:
         return tensor
     return tensor.to(device=device, dtype=dtype)
+
+
+def _is_host(device: torch.device) -> bool:
+    """Whether reading a tensor on ``device`` costs no device synchronisation."""
+    return device.type == "cpu"
 
 
 def _require_rows(field: str, tensor: torch.Tensor, rows: int, meaning: str) -> None:
@@ -266,7 +276,7 @@ def _plan_step3(layout: _Layout, present: Mapping[str, Any]) -> None:
             if tensor.shape[0] != total:
                 raise media_error(name, tensor, f"dim 0 of size {total}, the sum of 'num_patches'")
 
-    rows = ("counted", layout.count(counts, check_crops))
+    rows = ("counted", layout.count(_to(counts, counts.device, torch.int64), check_crops))
     if given:
         layout.per_sample.append("num_patches")
     segment = ["pixel_values"] if flat else []
@@ -356,6 +366,24 @@ class _Plan(NamedTuple):
     natural: list[float]
     #: Per-sample patches of each flat group (tensors, or host lists for small batches).
     patches: list[torch.Tensor] | list[list[int]]
+    #: Integer costs (Python ints on the host, int64 tensors), else floats.
+    integer: bool
+
+
+def _int64_tensor(values: list[int]) -> torch.Tensor:
+    """``torch.tensor(values)`` for ints, read from a buffer: several times faster. The tensor
+    shares the buffer and cannot be resized: hand out only tensors computed from it."""
+    if not values:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.frombuffer(array.array("q", values), dtype=torch.int64)
+
+
+def _list_tensor(values: list, integer: bool) -> torch.Tensor:
+    """``torch.tensor(values)`` of a non-empty list of ints (int64) or floats (default dtype)."""
+    if integer:
+        return _int64_tensor(values)
+    floats = torch.frombuffer(array.array("d", values), dtype=torch.float64)
+    return floats.to(torch.get_default_dtype())
 
 
 def _sum_and_min(values: torch.Tensor) -> torch.Tensor:
@@ -369,32 +397,36 @@ def _zero_prefixed_ends(values: torch.Tensor) -> torch.Tensor:
     return torch.cat((values.new_zeros(1), values.cumsum(0)))
 
 
-def _flat_patches_tensor(layout: _Layout, flat: _Flat) -> torch.Tensor:
-    sizes = layout.counted[flat.sizes].values
+def _flat_patches_tensor(entries: list[torch.Tensor], flat: _Flat) -> torch.Tensor:
+    sizes = entries[flat.sizes]
     if flat.counts is None:
         return sizes
-    counts = layout.counted[flat.counts].values
+    counts = entries[flat.counts]
     # Clamped so that bad counts index safely; their check reports them first.
     items = _zero_prefixed_ends(counts).clamp_(0, sizes.numel())
     return torch.diff(_zero_prefixed_ends(sizes).index_select(0, items))
 
 
-def _rows_tensor(layout: _Layout, rows: Rows, patches: list[torch.Tensor]) -> torch.Tensor:
+def _rows_tensor(
+    layout: _Layout, rows: Rows, entries: list[torch.Tensor], patches: list[torch.Tensor]
+) -> torch.Tensor:
     if rows == "ones":
         return torch.ones(layout.batch_size, dtype=torch.int64)
     kind, index = rows
-    return layout.counted[index].values if kind == "counted" else patches[index]
+    return entries[index] if kind == "counted" else patches[index]
 
 
 def _plan_on_device(layout: _Layout, user: torch.Tensor | None, m: int) -> _Plan:
     """Tensor ops, then one host read of the check values, the batch order's microbatch loads,
     the extreme costs and the rounds to deal one by one (with their costs if M is small)."""
     b = layout.batch_size
-    patches = [_flat_patches_tensor(layout, flat) for flat in layout.flats]
+    entries = [counted.values for counted in layout.counted]
+    patches = [_flat_patches_tensor(entries, flat) for flat in layout.flats]
     if user is None:
-        costs = _rows_tensor(layout, layout.cost_rows[0], patches)
+        costs = _rows_tensor(layout, layout.cost_rows[0], entries, patches)
         for rows in layout.cost_rows[1:]:
-            costs = costs + _to(_rows_tensor(layout, rows, patches), costs.device, costs.dtype)
+            row = _rows_tensor(layout, rows, entries, patches)
+            costs = costs + _to(row, costs.device, costs.dtype)
     else:
         costs = user
     device = costs.device
@@ -403,12 +435,22 @@ def _plan_on_device(layout: _Layout, user: torch.Tensor | None, m: int) -> _Plan
     ends = costs.cumsum(0).index_select(0, sample_ends_tensor(b, m, device))
     # Rounds whose largest cost exceeds 1 / _HEAD_ROUNDS of the mean load (see _deal).
     head = (sorted_costs[::m][:_HEAD_ROUNDS] * (m * _HEAD_ROUNDS) > ends[-1]).sum()
-    parts = [_sum_and_min(counted.values) for counted in layout.counted]
+    parts = [_sum_and_min(values) for values in entries]
     parts += [ends, sorted_costs[:1], sorted_costs[-1:], head.view(1)]
     python_rounds = m <= _PYTHON_ROUND_MAX
     if python_rounds:
         parts.append(sorted_costs[: _HEAD_ROUNDS * m])
-    values = torch.cat([_to(part, device, dtype) for part in parts]).tolist()
+    packed = torch.cat([_to(part, device, dtype) for part in parts])
+    n_values = packed.numel()
+    if _is_host(device):
+        sorted_cpu = _to(sorted_costs, device, dtype)
+    else:
+        # The sorted costs and their sample indices travel in the same copy: one sync, not three.
+        tail = (sorted_costs.to(dtype), by_cost.to(dtype))
+        packed = torch.cat((packed, *tail)).cpu()
+        sorted_cpu = packed[n_values : n_values + b]
+        by_cost = packed[n_values + b :].to(torch.int64)
+    values = packed[:n_values].tolist()
     for index, counted in enumerate(layout.counted):
         counted.check(int(values[2 * index]), int(values[2 * index + 1]))
     start = 2 * len(layout.counted)
@@ -421,18 +463,18 @@ def _plan_on_device(layout: _Layout, user: torch.Tensor | None, m: int) -> _Plan
     natural = [
         end - begin for begin, end in zip([0, *natural_ends[:-1]], natural_ends, strict=True)
     ]
-    sorted_cpu = _to(sorted_costs, torch.device("cpu"), dtype)
-    return _Plan(by_cost, sorted_cpu, int(head_rounds), head_costs, natural, patches)
+    integer = dtype == torch.int64
+    return _Plan(by_cost, sorted_cpu, int(head_rounds), head_costs, natural, patches, integer)
 
 
 def _plan_on_host(layout: _Layout, user: torch.Tensor | None, m: int) -> _Plan:
     """One host read of the metadata (and user costs), then everything in Python."""
     b = layout.batch_size
+    integer = user is None or not user.dtype.is_floating_point
     tensors = [counted.values for counted in layout.counted]
-    as_float = user is not None and user.dtype.is_floating_point
     if user is not None:
         tensors.append(user)
-    dtype = torch.float64 if as_float else torch.int64
+    dtype = torch.int64 if integer else torch.float64
     values: list = []
     if tensors:
         parts = [_to(tensor, tensors[0].device, dtype) for tensor in tensors]
@@ -440,9 +482,10 @@ def _plan_on_host(layout: _Layout, user: torch.Tensor | None, m: int) -> _Plan:
     lists: list[list[int]] = []
     start = 0
     for counted in layout.counted:
-        stop = start + counted.values.numel()
+        stop = start + counted.values.shape[0]
         entries = values[start:stop]
-        entries = [int(v) for v in entries] if as_float else entries
+        if not integer:
+            entries = [int(v) for v in entries]
         counted.check(sum(entries), min(entries, default=0))
         lists.append(entries)
         start = stop
@@ -453,25 +496,25 @@ def _plan_on_host(layout: _Layout, user: torch.Tensor | None, m: int) -> _Plan:
             patches.append(sizes)
             continue
         ends = list(itertools.accumulate(sizes, initial=0))
-        items = itertools.accumulate(lists[flat.counts], initial=0)
-        patches.append([ends[j] - ends[i] for i, j in itertools.pairwise(items)])
+        item_ends = list(map(ends.__getitem__, itertools.accumulate(lists[flat.counts], initial=0)))
+        patches.append(list(map(sub, item_ends[1:], item_ends)))
     if user is None:
-        costs = [0] * b
-        for rows in layout.cost_rows:
-            if rows == "ones":
-                costs = [cost + 1 for cost in costs]
-            else:
-                kind, index = rows
-                source = lists[index] if kind == "counted" else patches[index]
-                costs = [cost + row for cost, row in zip(costs, source, strict=True)]
+        rows_lists = [
+            [1] * b if rows == "ones" else (lists if rows[0] == "counted" else patches)[rows[1]]
+            for rows in layout.cost_rows
+        ]
+        costs: list = rows_lists[0]
+        for row in rows_lists[1:]:
+            costs = list(map(add, costs, row))
     else:
         costs = values[start:]
         if not all(map(math.isfinite, costs)) or min(costs) < 0:
             raise media_error("cost", user, f"{b} finite, non-negative per-sample costs")
     by_cost = sorted(range(b), key=costs.__getitem__, reverse=True)
     bounds = sample_bounds(b, m)
-    natural = [sum(costs[bounds[k] : bounds[k + 1]]) for k in range(m)]
-    return _Plan(by_cost, [costs[i] for i in by_cost], None, None, natural, patches)
+    natural = list(map(sum, map(costs.__getitem__, map(slice, bounds, bounds[1:]))))
+    sorted_costs = list(map(costs.__getitem__, by_cost))
+    return _Plan(by_cost, sorted_costs, None, None, natural, patches, integer)
 
 
 class _Dealt(NamedTuple):
@@ -486,12 +529,6 @@ class _Dealt(NamedTuple):
     #: Bins that take a sample in the last, partial round (they hold ``B // M + 1``).
     fuller: set[int]
     max_load: float
-
-
-def _tail_column(q: int, m: int) -> int:
-    """Column of boustrophedon position q: forward, backward, forward, ..."""
-    column = q % m
-    return m - 1 - column if (q // m) % 2 else column
 
 
 def _head_rounds_python(sorted_costs: list[float], end: int, m: int) -> tuple[list[int], list]:
@@ -516,6 +553,12 @@ def _head_rounds_torch(sorted_costs: torch.Tensor, end: int, m: int) -> tuple[to
     return torch.cat(rounds), loads.tolist()
 
 
+def _by_load(loads: list) -> tuple[list[int], list]:
+    """Bin ids by ascending load (ties: lower id), and their loads."""
+    ranked = sorted(range(len(loads)), key=loads.__getitem__)
+    return ranked, list(map(loads.__getitem__, ranked))
+
+
 def _deal(plan: _Plan, m: int) -> _Dealt:
     """Deal the sorted costs into ``m`` microbatches (see the module docstring)."""
     sorted_costs = plan.sorted_costs
@@ -537,21 +580,23 @@ def _deal(plan: _Plan, m: int) -> _Dealt:
     if m > _PYTHON_ROUND_MAX and head_end:
         tensor = sorted_costs
         if not isinstance(tensor, torch.Tensor):
-            tensor = torch.tensor(sorted_costs[:head_end])
+            tensor = _list_tensor(sorted_costs[:head_end], plan.integer)
         head, loads = _head_rounds_torch(tensor, head_end, m)
         last_round = head[(head_end - 1) // m * m :].tolist()
+        ranked, ranked_loads = _by_load(loads)
     else:
         head, loads = _head_rounds_python(head_costs or [], head_end, m)
+        ranked, ranked_loads = _by_load(loads)
         last_round = head[(head_end - 1) // m * m :] if head_end else []
-    ranked = sorted(range(m), key=loads.__getitem__)
     tail = b - head_end
     if tail:
+        # The bins of the boustrophedon's last round (forward or backward: only the set counts).
         first_of_last = (tail - 1) // m * m
-        last_round = [ranked[_tail_column(q, m)] for q in range(first_of_last, tail)]
-        for column, extra in enumerate(_column_sums(sorted_costs[head_end:], m)):
-            loads[ranked[column]] += extra
+        n_last = tail - first_of_last
+        last_round = ranked[m - n_last :] if (first_of_last // m) % 2 else ranked[:n_last]
+        ranked_loads = list(map(add, ranked_loads, _column_sums(sorted_costs[head_end:], m)))
     fuller = set(last_round) if len(last_round) < m else set()
-    return _Dealt(head, ranked, tail, fuller, max(loads))
+    return _Dealt(head, ranked, tail, fuller, max(ranked_loads))
 
 
 def _column_sums(tail_costs: list[float] | torch.Tensor, m: int) -> list[float]:
@@ -559,33 +604,43 @@ def _column_sums(tail_costs: list[float] | torch.Tensor, m: int) -> list[float]:
     rounds = -(-len(tail_costs) // m)
     if isinstance(tail_costs, list):
         if rounds <= 2:
-            sums = [0] * m
-            for q, value in enumerate(tail_costs):
-                sums[_tail_column(q, m)] += value
+            sums = tail_costs[:m] + [0] * (m - min(m, len(tail_costs)))
+            back = tail_costs[m:]
+            if back:
+                sums[m - len(back) :] = map(add, sums[m - len(back) :], reversed(back))
             return sums
-        tail_costs = torch.tensor(tail_costs, dtype=torch.float64)
+        tail_costs = torch.frombuffer(array.array("d", tail_costs), dtype=torch.float64)
     columns = _boustrophedon(m, rounds * m)[: tail_costs.numel()]
     return tail_costs.new_zeros(m).index_add_(0, columns, tail_costs).tolist()
 
 
-def _positions(dealt: _Dealt, m: int) -> list[int]:
-    """Microbatch position of each bin: fuller bins first (``tensor_split``), then by id."""
-    fuller = sorted(dealt.fuller)
-    rest = [bin_id for bin_id in range(m) if bin_id not in dealt.fuller]
-    position = [0] * m
-    for index, bin_id in enumerate(fuller + rest):
-        position[bin_id] = index
-    return position
+def _positions(dealt: _Dealt, m: int) -> list[int] | None:
+    """Microbatch position of each bin: fuller bins first (``tensor_split``), then by id; None
+    when no bin is fuller (every bin keeps its id)."""
+    if not dealt.fuller:
+        return None
+    order = sorted(dealt.fuller)
+    order += [bin_id for bin_id in range(m) if bin_id not in dealt.fuller]
+    return sorted(range(m), key=order.__getitem__)  # the inverse permutation of ``order``
+
+
+def _tail_bins(ranked: list[int], tail: int) -> list[int]:
+    """Bins of boustrophedon positions 0..tail-1 over ``ranked``: forward, backward, ..."""
+    there_and_back = ranked + ranked[::-1]
+    return (there_and_back * -(-tail // len(there_and_back)))[:tail]
 
 
 def _order_on_host(by_cost: list[int], dealt: _Dealt, m: int) -> torch.Tensor:
+    b = len(by_cost)
     position = _positions(dealt, m)
-    head = dealt.head if isinstance(dealt.head, list) else dealt.head.tolist()
-    bins = head + [dealt.ranked[_tail_column(q, m)] for q in range(dealt.tail)]
-    microbatch = [0] * len(by_cost)
-    for sample, bin_id in zip(by_cost, bins, strict=True):
-        microbatch[sample] = position[bin_id]
-    return torch.tensor(sorted(range(len(by_cost)), key=microbatch.__getitem__))
+    bins = dealt.head if isinstance(dealt.head, list) else dealt.head.tolist()
+    if dealt.tail:
+        bins = bins + _tail_bins(dealt.ranked, dealt.tail)
+    microbatch = bins if position is None else map(position.__getitem__, bins)
+    # One int per sample, microbatch * b + sample: sorted, they order by microbatch, then sample.
+    keys = list(map(add, map(mul, microbatch, itertools.repeat(b)), by_cost))
+    keys.sort()
+    return _int64_tensor(keys) % b
 
 
 @functools.lru_cache(maxsize=64)
@@ -599,13 +654,20 @@ def _boustrophedon(m: int, n: int) -> torch.Tensor:
 def _order_on_device(by_cost: torch.Tensor, dealt: _Dealt, m: int) -> torch.Tensor:
     """The same permutation as ``_order_on_host``, with tensor ops (on the CPU)."""
     b = by_cost.numel()
-    position = torch.tensor(_positions(dealt, m), dtype=torch.int64)
-    bins = torch.as_tensor(dealt.head, dtype=torch.int64)
-    if dealt.tail:
-        columns = _boustrophedon(m, b)[: dealt.tail]
-        bins = torch.cat((bins, torch.tensor(dealt.ranked).index_select(0, columns)))
-    # Sorting (position, sample) keys orders by microbatch, then by batch index.
-    key = position.index_select(0, bins) * b + _to(by_cost, torch.device("cpu"), torch.int64)
+    position = _positions(dealt, m)
+    tail = _tail_bins(dealt.ranked, dealt.tail)
+    if isinstance(dealt.head, list):
+        bins = dealt.head + tail
+        microbatch = _int64_tensor(bins if position is None else [position[i] for i in bins])
+    else:
+        microbatch = dealt.head
+        if position is not None:
+            microbatch = _int64_tensor(position).index_select(0, microbatch)
+            tail = [position[i] for i in tail]
+        if tail:
+            microbatch = torch.cat((microbatch, _int64_tensor(tail)))
+    # Sorting (microbatch, sample) keys orders by microbatch, then by batch index.
+    key = microbatch * b + _to(by_cost, torch.device("cpu"), torch.int64)
     return torch.sort(key).values % b
 
 
@@ -630,7 +692,7 @@ def _plan(
     if cost is None and not layout.cost_rows:
         return layout, None  # no media: nothing to balance, nothing to check
     user = None if cost is None else _user_cost(cost, batch, batch_size)
-    entries = batch_size + sum(counted.values.numel() for counted in layout.counted)
+    entries = batch_size + sum(counted.values.shape[0] for counted in layout.counted)
     on_host = entries <= _HOST_PLAN_MAX
     plan = (_plan_on_host if on_host else _plan_on_device)(layout, user, n_microbatches)
     return layout, plan
@@ -649,7 +711,10 @@ def media_cost_per_sample(batch: Mapping[str, Any], batch_size: int) -> torch.Te
     if plan is None:
         return torch.zeros(batch_size, dtype=torch.int64)
     costs = torch.empty(batch_size, dtype=torch.int64)
-    by_cost = _to(torch.as_tensor(plan.by_cost), torch.device("cpu"), torch.int64)
+    if isinstance(plan.by_cost, list):
+        costs[_int64_tensor(plan.by_cost)] = _int64_tensor(plan.sorted_costs)
+        return costs
+    by_cost = _to(plan.by_cost, torch.device("cpu"), torch.int64)
     costs[by_cost] = torch.as_tensor(plan.sorted_costs, dtype=torch.int64)
     return costs
 
