@@ -60,12 +60,14 @@ def test_extreme_patches_balance_to_one_heavy_sample_per_microbatch(bench) -> No
     assert sum(bench.microbatch_sums(patches)) == sum(patches)
 
 
-def test_extreme_model_keeps_the_ranks_even(bench) -> None:
+@pytest.mark.parametrize("fixed_cost", [True, False])
+def test_evened_model_keeps_the_ranks_even(bench, fixed_cost: bool) -> None:
     model = bench.CaseModel([(1.0, 0.01), (2.0, 0.02)], {"1": [3.0, 5.0], "2": [1.0, 1.0]})
-    extreme = model.extreme()
+    evened = model.evened(fixed_cost=fixed_cost)
     mean = bench.BATCH * bench.MEAN_PATCHES // bench.MICROBATCHES
-    times = extreme.times([mean] * bench.MICROBATCHES)
+    times = evened.times([mean] * bench.MICROBATCHES)
     rank0 = sum(sum(times[s][0]) for s in times if int(s) % bench.WORLD_SIZE == 0)
     rank1 = sum(sum(times[s][0]) for s in times if int(s) % bench.WORLD_SIZE == 1)
-    assert times["0"][0] == pytest.approx([0.01 * mean, 0.02 * mean])
+    fixed = (1.0, 2.0) if fixed_cost else (0.0, 0.0)
+    assert times["0"][0] == pytest.approx([fixed[0] + 0.01 * mean, fixed[1] + 0.02 * mean])
     assert rank0 == pytest.approx(rank1)
