@@ -2,14 +2,14 @@
 
 Run from the repository root::
 
-    python benchmarks/bench_balance.py           # about 90 s on 2 CPU cores
+    python benchmarks/bench_balance.py           # about 2 minutes on 2 CPU cores
     python benchmarks/bench_balance.py --quick   # fewer repetitions, for a smoke run
 
 Two gloo ranks on the CPU, one thread each, run a toy VLM split into pipeline stages
 (``1F1B``: 2 stages; ``Interleaved1F1B``: 4 stages, 2 per rank). The vision tower (a per-patch
 MLP, then one pooled token per image) sits on stage 0 with the token embeddings, so its cost
-grows with the patches of the microbatch; the text blocks are split so that the stages are
-even for an average microbatch, and an image-heavy microbatch makes stage 0 the bottleneck.
+grows with the patches of the microbatch. Its width is calibrated first so that the two ranks'
+work is even for an average microbatch; an image-heavy microbatch makes stage 0 the bottleneck.
 B=160 samples in M=16 microbatches of 10, T=32 tokens, three workloads with the same mean of
 128 patches per sample (one image per image sample, one placeholder token per image):
 
@@ -33,9 +33,13 @@ per-microbatch stage times. Then the staging overhead: the same steps through
 forwards (valid here: both schedules run stage 0's forwards in microbatch order) with no staging
 at all, and what the staging itself costs, timed without the model: ``step_with_media`` around a
 schedule step that does nothing, and the stage-0 wrapper around a forward that does nothing
-(end-to-end differences under 1% drown in a shared machine's noise). Last, the
-planning cost of ``balance_microbatches`` (validation, costs, assignment, permutation; not the
-media copy) next to ``prepare_vlm_media_for_pp`` on the batches of ``bench_prepare.py``.
+(end-to-end differences under 1% drown in a shared machine's noise). Then the model: one
+random order is one draw, so the replay is repeated over 200 random orders per workload with
+stage 0's time a straight line fitted to its measured times against patches and the ranks even,
+plus an extreme workload (every patch in one heavy sample per microbatch, no fixed stage-0
+cost) that bounds what balancing can gain on this pipeline. Last, the planning cost of
+``balance_microbatches`` (validation, costs, assignment, permutation; not the media copy)
+next to ``prepare_vlm_media_for_pp`` on the batches of ``bench_prepare.py``.
 
 The exit code is always 0: the script reports, it does not judge.
 """
