@@ -4,7 +4,10 @@ Each rank computes the norm of its own gradients with torch's ``get_total_norm``
 sharded DTensor gradients that already covers the dp group's shards), leaving out the copy of a
 tied embedding so it counts once; the per-rank norms are combined over the pipeline group (sum
 of p-th powers, or max for the inf-norm) and every rank clips with torch's
-``clip_grads_with_norm_`` by the same total.
+``clip_grads_with_norm_`` by the same total. The norms are torch's fp32 ones, and a shard's
+rounds differently from the whole tensor's: torch's norm of one 500 x 64 shard of a tiny model's
+embedding gradient was 3e-6 relative off its fp64 value, so the DP x PP norm was measured up to
+4e-6 relative off the unsplit model's.
 """
 
 from __future__ import annotations
