@@ -55,6 +55,8 @@ class Case:
     swap_media: bool = False
     #: ``mixed_precision="bf16"``; the same batch every step (the loss must fall).
     bf16: bool = False
+    #: SGD learning rate (0.5 oscillates on a repeated batch; the bf16 case takes 0.2).
+    lr: float = LR
 
     @property
     def key(self) -> str:
@@ -79,7 +81,7 @@ def cases() -> list[Case]:
             sgd_steps=3,
             clip=True,
         ),
-        Case("qwen2_vl/1F1B/replicate", data_parallel="replicate", sgd_steps=2, clip=True),
+        Case("qwen2_vl/1F1B/replicate", data_parallel="replicate", clip=True),
         Case(
             "paligemma/1F1B/pp4/tied",
             model_type="paligemma",
@@ -88,7 +90,7 @@ def cases() -> list[Case]:
             clip=True,
         ),
         Case("qwen2_vl/1F1B/fsdp/swap_media", swap_media=True),
-        Case("qwen2_vl/1F1B/fsdp/bf16", bf16=True, sgd_steps=4),
+        Case("qwen2_vl/1F1B/fsdp/bf16", bf16=True, sgd_steps=3, lr=0.2),
     ]
 
 
@@ -108,7 +110,7 @@ def replica_batches(config: Any, case: Case, step: int) -> list[dict[str, torch.
     if case.swap_media:
         return [first, same_layout(first, 100 * step + 7)]
     if case.bf16:
-        return [first, replica_batch(config, 2)]
+        return [replica_batch(config, 1), replica_batch(config, 2)]
     return [first, replica_batch(config, 100 * step + 2)]
 
 
@@ -223,8 +225,8 @@ def run_case(rank: int, case: Case) -> dict[str, Any]:
         "stage_numel": sum(p.numel() for p in pipe.parameters()),
         "steps": [],
     }
-    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=LR)
-    optimizer = torch.optim.SGD(pipe.parameters(), lr=LR)
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=case.lr)
+    optimizer = torch.optim.SGD(pipe.parameters(), lr=case.lr)
     for step in range(case.sgd_steps):
         batches = replica_batches(config, case, step)
         ref_loss = reference(**concatenated(batches)).loss
@@ -297,10 +299,55 @@ def bad_batch_case(rank: int) -> dict[str, Any]:
     return {"error_message": None, "dp_rank": pipe.dp_rank}
 
 
+def mismatched_pipeline_case(rank: int) -> dict[str, Any]:
+    """Rank 3 collates another batch than rank 2 of the same pipeline: every rank must raise."""
+    from pp_media._cli.tiny_models import tiny_config
+    from pp_media._hf.pipeline import build_vlm_pipeline
+
+    config = tiny_config("qwen2_vl")
+    pipe = build_vlm_pipeline(new_model(config), dp_size=DP_SIZE, n_microbatches=N_MICROBATCHES)
+    batch = replica_batch(config, 21 + pipe.dp_rank + (rank == 3))
+    try:
+        pipe.step(batch)
+    except ValueError as error:
+        return {"error_message": str(error)}
+    return {"error_message": None}
+
+
+def option_errors_case(rank: int) -> dict[str, Any]:
+    """The messages of option combinations ``build_vlm_pipeline`` refuses."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from pp_media._cli.tiny_models import tiny_config
+    from pp_media._hf.pipeline import build_vlm_pipeline
+
+    model = new_model(tiny_config("qwen2_vl"))
+    flat = init_device_mesh("cpu", (WORLD_SIZE,), mesh_dim_names=("dp",))
+    attempts = {
+        "group_and_dp_size": {"group": dist.group.WORLD, "dp_size": DP_SIZE},
+        "dp_size_not_dividing": {"dp_size": 3},
+        "one_dim_mesh": {"mesh": flat},
+        "unknown_mode": {"dp_size": DP_SIZE, "data_parallel": "ddp"},
+        "bf16_without_dp": {"mixed_precision": "bf16"},
+        "fp16": {"dp_size": DP_SIZE, "mixed_precision": torch.float16},
+    }
+    messages: dict[str, str | None] = {}
+    for name, options in attempts.items():
+        try:
+            build_vlm_pipeline(model, n_microbatches=N_MICROBATCHES, **options)
+        except ValueError as error:
+            messages[name] = str(error)
+        else:
+            messages[name] = None
+    return {"messages": messages}
+
+
 def worker(rank: int, port: int, out_dir: str) -> None:
     """Entry point of one rank (``torch.multiprocessing`` spawn): every case, in order."""
     quiet_transformers()
     runs: list[tuple[str, Any]] = [(case.key, partial(run_case, rank, case)) for case in cases()]
     runs.append(("sampler", partial(sampler_case, rank)))
     runs.append(("bad_batch", partial(bad_batch_case, rank)))
+    runs.append(("mismatched_pipeline", partial(mismatched_pipeline_case, rank)))
+    runs.append(("option_errors", partial(option_errors_case, rank)))
     run_cases_on_rank(rank, port, out_dir, runs, world_size=WORLD_SIZE)
