@@ -23,6 +23,8 @@ SEQ_LEN = 24
 #: (Llama4: pixel shuffle 0.5; Aria: 4 projector queries).
 ROW_IMAGE_SIZE, ROW_TOKENS = 56, 4
 GEMMA4_PATCH = 4
+#: Spread of the routing biases: scores are sigmoid(logits) ~ 0.5 +- 0.04 at initialisation.
+ROUTING_BIAS_STD = 0.05
 #: Images per sample of the survey batch (the image-less sample checks text-only rows).
 IMAGES_PER_SAMPLE = (1, 2, 0, 1)
 #: ``(t, h, w)`` patch grids of those images, in batch order (merge 2: h * w / 4 tokens each).
@@ -477,7 +479,20 @@ def tiny_model(model_type: str, seed: int = 0) -> Any:
         )
     else:
         model = transformers.AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    _perturb_routing_biases(model)
     return model.train()
+
+
+def _perturb_routing_biases(model: Any) -> None:
+    """Random ``e_score_correction_bias`` (zeros at initialisation, trained in checkpoints), so
+    that the experts glm4v_moe, minimax_m3_vl, ernie4_5_vl_moe and inkling actually route to
+    differ from the top-k of ``softmax(logits)`` that transformers' loss counts."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
+            if name.endswith("e_score_correction_bias"):
+                noise = torch.randn(tensor.shape, generator=generator)
+                tensor.copy_(ROUTING_BIAS_STD * noise)
 
 
 def _texts(
@@ -536,6 +551,13 @@ def _ernie_batch(config: Any, generator: torch.Generator, pad: Sequence[int]) ->
     return batch
 
 
+def _omni_batch(config: Any, generator: torch.Generator, pad: Sequence[int]) -> dict[str, Any]:
+    """Qwen3-VL's layout; the thinker derives M-RoPE from the token ids (no token types)."""
+    batch = _qwen_batch(config, generator, pad)
+    del batch["mm_token_type_ids"]
+    return batch
+
+
 def _rows_batch(config: Any, generator: torch.Generator, pad: Sequence[int]) -> dict[str, Any]:
     """One ``[3, S, S]`` row of ``pixel_values`` per image, ``ROW_TOKENS`` placeholders each."""
     n = sum(IMAGES_PER_SAMPLE)
@@ -582,7 +604,7 @@ _BATCHES: dict[str, Callable[[Any, torch.Generator, Sequence[int]], dict[str, An
     "qwen3_5_moe": _qwen_batch,
     "glm4v_moe": _qwen_batch,
     "ernie4_5_vl_moe": _ernie_batch,
-    "qwen3_omni_moe_thinker": _qwen_batch,
+    "qwen3_omni_moe_thinker": _omni_batch,
     "minimax_m3_vl": _qwen_batch,
     "llama4": _rows_batch,
     "aria": _aria_batch,

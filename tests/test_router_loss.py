@@ -111,6 +111,32 @@ def test_stage_sums_equal_transformers(model_type: str, mask: str, stages: int) 
             assert padding.any() and not g_mine[padding].any()
 
 
+#: Families that route with a correction bias, and the router class whose output index 2
+#: holds the experts each token actually goes to.
+BIASED = {
+    "glm4v_moe": "Glm4vMoeTextTopkRouter",
+    "minimax_m3_vl": "MiniMaxM3VLTopKRouter",
+    "ernie4_5_vl_moe": "Ernie4_5_VLMoeMoeTopKRouter",
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(BIASED))
+def test_biased_routing_is_not_what_the_loss_counts(model_type: str) -> None:
+    """The quirk kept on purpose: these families route on ``score + bias`` but transformers'
+    loss (and ours, equal to it above) counts the top-k of ``softmax(raw logits)``."""
+    model = _model(model_type)
+    batch = moe.tiny_batch(model_type, model.config, pad=PAD)
+    modules = [m for m in model.modules() if type(m).__name__ == BIASED[model_type]]
+    with recording_router_logits(modules, 2) as chosen, recording_router_logits(modules, 0) as raw:
+        model(**batch, output_router_logits=True)
+    k = moe.TOP_K
+    differing = 0
+    for logits, indices in zip(raw, chosen, strict=True):
+        counted = torch.topk(torch.softmax(logits, -1), k, dim=-1).indices.sort(-1).values
+        differing += int((counted != indices.sort(-1).values).any(-1).sum())
+    assert differing > 0
+
+
 @pytest.mark.parametrize("model_type", AUX)
 def test_stages_summed_at_the_end_differ_only_by_rounding(model_type: str) -> None:
     """The alternative (each stage from zeros, the last stage adds them up) changes only the
