@@ -3,9 +3,11 @@
 Test-side on purpose: the family fixtures (``pp_media.testing``) can absorb them once the MoE
 adapters exist. Every config has 4 experts, top-k 2, text width 64 and 4 decoder layers, so
 a forward and backward with router logits takes well under a second on one CPU core.
-``tiny_batch`` builds image tensors in the layout the family's processor emits (the processors
-themselves need torchvision for most of these families, which does not import here).
-``docs/moe_survey.md`` says what each family does and why the others are left out.
+``tiny_batch`` builds image tensors in the layout the family's processor emits: the image
+processors of minimax_m3_vl, llama4 and inkling need torchvision, which does not import here
+(the others' PIL processors build and emit these layouts, see the survey).
+``docs/moe_survey.md`` says what each family does. Every family here builds; Llama4's
+``ForConditionalGeneration.forward`` fails in transformers 5.24 (the survey runs its parts).
 """
 
 from __future__ import annotations
