@@ -59,7 +59,17 @@ def _split(items: list, n: int) -> list[list]:
 
 
 def _spec(model_type: str) -> RouterLoss:
+    """The family's loss; for families without one in transformers, E and top-k only."""
+    if model_type not in AUX:
+        return RouterLoss(moe.EXPERTS, moe.TOP_K, coef=0.0)
     return RouterLoss.from_text_config(_model(model_type).config.get_text_config())
+
+
+def _transformers_loss(model_type: str) -> Any:
+    """The family's ``load_balancing_loss_func``; for the others the (identical) Qwen3-VL-MoE
+    copy, applied to what they record (Gemma4 records probabilities: the formula still holds,
+    though transformers never applies it there)."""
+    return moe.load_balancing_loss_func(model_type if model_type in AUX else "qwen3_vl_moe")
 
 
 @pytest.mark.parametrize("model_type", FORWARD)
@@ -77,7 +87,7 @@ def test_config_names_read_per_family(model_type: str) -> None:
 
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("mask", ["padded", "ones", "none"])
-@pytest.mark.parametrize("model_type", AUX)
+@pytest.mark.parametrize("model_type", FORWARD)
 def test_stage_sums_equal_transformers(model_type: str, mask: str, stages: int) -> None:
     """``ones``: a mask without padding; ``none``: no mask (the model itself always passes its
     mask, so only ``padded`` is compared with the model's ``aux_loss``)."""
@@ -88,7 +98,7 @@ def test_stage_sums_equal_transformers(model_type: str, mask: str, stages: int) 
         "none": None,
     }[mask]
     spec = _spec(model_type)
-    theirs = moe.load_balancing_loss_func(model_type)(
+    theirs = _transformers_loss(model_type)(
         tuple(recorded), spec.num_experts, spec.top_k, attention_mask
     )
     stats = spec.zeros()
@@ -96,7 +106,7 @@ def test_stage_sums_equal_transformers(model_type: str, mask: str, stages: int) 
         stats = spec.accumulate(stats, group, attention_mask)
     mine = spec.aux_loss(stats)
     assert torch.equal(mine, theirs), (mine.item(), theirs.item())
-    if mask == "padded":
+    if mask == "padded" and model_type in AUX:
         assert torch.equal(mine, out.aux_loss)
     counted = batch["input_ids"].numel() if attention_mask is None else attention_mask.sum()
     assert stats[-1].item() == int(counted) * len(recorded)
