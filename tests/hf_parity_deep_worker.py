@@ -222,9 +222,9 @@ class Received:
 def run_case(rank: int, case: Case) -> dict[str, Any]:
     """Build, step and compare; the per-rank result of ``case``."""
     import transformers
-
     from pp_media._cli.synthetic import default_seq_len, synthetic_batch
     from pp_media._cli.tiny_models import tiny_config
+
     from pp_media._hf.families import adapter_for
     from pp_media._hf.pipeline import build_vlm_pipeline
 

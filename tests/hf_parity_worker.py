@@ -147,7 +147,6 @@ def one_image_per_sample_batch(config: Any, seed: int) -> dict[str, torch.Tensor
     """LLaVA batch with exactly one image per sample: ``pixel_values [B, C, H, W]``, built
     with the real image processor (``synthetic_batch`` always makes sample 0 text-only)."""
     from PIL import Image
-
     from pp_media._cli.tiny_models import image_processor
 
     generator = torch.Generator().manual_seed(seed)
@@ -303,8 +302,8 @@ def mask_effect(
 def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
     """Build, step and compare; the per-rank result of ``case``."""
     import transformers
-
     from pp_media._cli.tiny_models import tiny_config
+
     from pp_media._hf.families import adapter_for
     from pp_media._hf.pipeline import build_vlm_pipeline
 

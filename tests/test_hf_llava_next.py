@@ -58,7 +58,6 @@ def _setup() -> None:
 
 def _model(model_type: str) -> tuple[Any, Any]:
     import transformers
-
     from pp_media._cli.tiny_models import tiny_config
 
     config = tiny_config(model_type)
@@ -159,6 +158,7 @@ def test_onevision_rejects_a_batch_num_images_that_does_not_match_the_samples() 
     """Images not grouped by sample give the processor's ``batch_num_images`` of ones; with
     the counts the placeholders give, that is refused, not silently re-cropped."""
     from pp_media._cli.tiny_models import tiny_config
+
     from pp_media._hf.families import adapter_for
 
     _setup()

@@ -86,7 +86,7 @@ class PaliGemmaAdapter(FamilyAdapter):
         base_model: nn.Module,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        mm_token_type_ids: torch.Tensor | None,
+        fields: Mapping[str, torch.Tensor],
         media: Mapping[str, torch.Tensor],
     ) -> torch.Tensor:
         return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) + 1

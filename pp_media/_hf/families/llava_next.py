@@ -138,7 +138,6 @@ class LlavaOnevisionAdapter(FamilyAdapter):
     vision_paths = ("model.vision_tower", "model.multi_modal_projector", "model.image_newline")
     media = (IMAGES, VIDEOS)
     #: The processor learns which images share a sample only from images grouped by sample.
-    images_by_sample = True
 
     def stage_media(
         self, config: Any, media: dict[str, list[torch.Tensor]]

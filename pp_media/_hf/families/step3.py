@@ -39,7 +39,6 @@ class Step3p7Adapter(FamilyAdapter):
     model_types = ("step3p7",)
     vision_paths = ("model.vision_model", "model.multi_modal_projector")
     media = (IMAGES,)
-    images_per_sample = 1
 
     def core_layout(self, batch: dict[str, Any]) -> None:
         for name, seed_name in _STEP3_NAMES.items():
