@@ -11,6 +11,7 @@ from torch import nn
 
 from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
+from pp_media._hf.families.registry import family
 
 IMAGES = replace(base.IMAGES, feature_fields=("image_grid_thw",))
 VIDEOS = replace(base.VIDEOS, feature_fields=("video_grid_thw",))
@@ -20,6 +21,7 @@ _ROPE_FIELDS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 _TOKEN_TYPES = {"image": 1, "video": 2}
 
 
+@family
 class QwenVLAdapter(FamilyAdapter):
     """Placeholders per item: ``t*h*w // merge**2``. Position ids ``[3, B, T]`` from
     ``get_rope_index``, computed per microbatch on stage 0 (it works sample by sample) and sent
@@ -75,6 +77,7 @@ class QwenVLAdapter(FamilyAdapter):
         return types
 
 
+@family
 class Glm4vAdapter(QwenVLAdapter):
     """GLM-4V: Qwen-VL's layout and placeholder rule with its own ``get_rope_index``. Its
     placeholder runs sit between ``image_start_token_id`` / ``image_end_token_id``. Like the
@@ -83,6 +86,7 @@ class Glm4vAdapter(QwenVLAdapter):
     model_types = ("glm4v",)
 
 
+@family
 class Qwen3VLAdapter(QwenVLAdapter):
     """Qwen3-VL: Qwen-VL's layout (patch 16) plus deepstack: the vision tower's intermediate
     features are added, at the media positions, to the outputs of the first decoder layers
@@ -107,6 +111,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
         }
 
 
+@family
 class Qwen3_5Adapter(QwenVLAdapter):
     """Qwen3.5: Qwen3-VL's vision layout and frame-separated videos without deepstack; its
     decoder mixes linear-attention and full-attention layers (``layer_types``), which the
