@@ -91,6 +91,10 @@ class TinyFamily:
         ``input_ids`` (``prefix_lengths``: each sample's media and prompt tokens, before its
         answer text); may relabel. Default: none."""
 
+    def make_checkable(self, model: Any, seed: int) -> None:
+        """Give weights whose initial value would make a gradient check vacuous small random
+        values from a generator seeded with ``seed``, in place. Default: none."""
+
 
 _FAMILIES: dict[str, TinyFamily] = {}
 

@@ -58,6 +58,13 @@ class Gemma3Family(TinyFamily):
     ) -> None:
         batch["token_type_ids"] = (batch["input_ids"] == config.image_token_id).long()
 
+    def make_checkable(self, model: Any, seed: int) -> None:
+        """The projector weight starts at zero, which makes every vision-tower gradient zero."""
+        weight = model.model.multi_modal_projector.mm_input_projection_weight
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            weight.copy_(0.02 * torch.randn(weight.shape, generator=generator))
+
 
 @tiny_family
 class PaliGemmaFamily(TinyFamily):
