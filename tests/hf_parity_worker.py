@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pp_media._hf.partition import SCHEDULE_NAMES
 from tests.helpers.parity import (
     EMBED,
     HEAD,
@@ -47,15 +48,6 @@ MODEL_SEED = 0
 BATCH_SEED = 1
 TINY_LAYERS = 4
 SGD_LR = 0.5
-SCHEDULES = (
-    "GPipe",
-    "1F1B",
-    "Interleaved1F1B",
-    "LoopedBFS",
-    "InterleavedZeroBubble",
-    "ZBVZeroBubble",
-    "DualPipeV",
-)
 #: Absolute fp32 tolerances: summation order only (see ``test_hf_parity.py``).
 LOSS_TOLERANCE = 5e-6
 GRAD_TOLERANCE = 1e-6
@@ -127,7 +119,7 @@ class Case:
 #: in samples 1 to 4, seed 3 in samples 2, 3 and 5. LLaVA-NeXT / OneVision images per sample:
 #: seed 1 [0, 3, 0, 0, 3, 1], seed 12 [0, 3, 2, 1, 1, 2], seed 9 [0, 0, 2, 1, 2, 0].
 CASES: tuple[Case, ...] = (
-    *(Case("qwen2_vl", schedule) for schedule in SCHEDULES),
+    *(Case("qwen2_vl", schedule) for schedule in SCHEDULE_NAMES),
     Case("qwen2_vl", "1F1B", batch="videos"),
     Case("qwen2_vl", "Interleaved1F1B", batch="videos", seed=3, claims=("video_only_mb",)),
     Case("qwen2_5_vl", "1F1B", batch="videos", seed=3, claims=("video_only_mb",)),
@@ -155,7 +147,6 @@ CASES: tuple[Case, ...] = (
     # GLM-4V: images only (transformers cannot mix images and videos in one GLM-4V forward).
     Case("glm4v", "1F1B", claims=("several_images",)),
     Case("glm4v", "GPipe", claims=("several_images",)),
-    Case("mistral3", "1F1B", claims=("several_images",)),
     Case("gemma3", "1F1B", claims=("several_images",)),
     # 6 layers as 1, 2, 2, 1: two stages hold a full layer followed by a sliding one.
     Case(
