@@ -147,6 +147,7 @@ CASES: tuple[Case, ...] = (
     # GLM-4V: images only (transformers cannot mix images and videos in one GLM-4V forward).
     Case("glm4v", "1F1B", claims=("several_images",)),
     Case("glm4v", "GPipe", claims=("several_images",)),
+    Case("mistral3", "1F1B", claims=("several_images",)),
     Case("gemma3", "1F1B", claims=("several_images",)),
     # 6 layers as 1, 2, 2, 1: two stages hold a full layer followed by a sliding one.
     Case(

@@ -459,6 +459,14 @@ def _glm4v_layout(batch: Batch, case: Case) -> None:
     assert not any("video" in name for name in batch["keys"])
 
 
+def _mistral3_layout(batch: Batch, case: Case) -> None:
+    """Rows padded to the batch's largest image, with their true ``image_sizes``."""
+    pixels, sizes = batch["shapes"]["pixel_values"], batch["image_sizes"]
+    assert len(pixels) == 4 and pixels[0] == len(sizes) == sum(batch["image_runs"])
+    assert pixels[2:] == [max(s[0] for s in sizes), max(s[1] for s in sizes)]
+    assert any(size != pixels[2:] for size in sizes), "a padded row"
+
+
 def _gemma_layout(batch: Batch, case: Case) -> None:
     """One row per image; Gemma3 ``token_type_ids`` 1 exactly at the image tokens, PaliGemma
     a 0 prefix and a 1 suffix in every sample."""
@@ -563,6 +571,7 @@ def _step3_layout(batch: Batch, case: Case) -> None:
 #: Per family, what its batches' layout must show (a family without one checks the rest).
 LAYOUTS: dict[str, Callable[[Batch, Case], None]] = {
     "glm4v": _glm4v_layout,
+    "mistral3": _mistral3_layout,
     "gemma3": _gemma_layout,
     "paligemma": _gemma_layout,
     "llava": _llava_layout,
