@@ -63,11 +63,11 @@ Mistral3                               0          2.4e-8
 Gemma3 (1F1B, interleaved, causal)     0          7.5e-8
 Gemma3 tied, 2 SGD steps               9.5e-7     1.5e-7     1.2e-7      5.6e-8 at step 0
 PaliGemma (1F1B, ZBVZeroBubble)        1.4e-6     1.5e-8                 3 ulps of the loss
-Qwen3-VL (images, videos, tied)        4.8e-7     4.5e-8     1.2e-7      2 SGD steps tied
+Qwen3-VL (images, videos, tied)        4.8e-7     3.4e-8     6.0e-8      2 SGD steps tied
 Idefics3, SmolVLM                      9.5e-7     1.9e-8
 InternVL (1F1B, GPipe)                 0          8.9e-8
 Qwen3.5                                4.8e-7     1.7e-8
-Kimi-K2.5 (images, videos)             4.8e-7     3.0e-8
+Kimi-K2.5 (images, videos)             4.8e-7     1.9e-8
 Step3p7 (1F1B, GPipe)                  9.5e-7     3.5e-8
 LLaVA-NeXT, LLaVA-OneVision            4.8e-7     1.2e-7
 =====================================  =========  =========  ==========  =====================
