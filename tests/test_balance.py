@@ -31,6 +31,7 @@ from pp_media import (
     restore_sample_order,
 )
 from pp_media._core import balance as balance_module
+from pp_media._core import media_plan
 from pp_media._core.bounds import sample_bounds
 from tests.helpers import media_batches as mb
 from tests.helpers.ranks import case_results, spawn_ranks
@@ -66,8 +67,8 @@ PATHS = ((10**9, 10**9), (0, 0), (10**9, 0), (0, 10**9))
 
 def _on_path(path: tuple[int, int]) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch.object(balance_module, "_HOST_PLAN_MAX", path[0]))
-    stack.enter_context(mock.patch.object(balance_module, "_PYTHON_ROUND_MAX", path[1]))
+    stack.enter_context(mock.patch.object(media_plan, "_HOST_PLAN_MAX", path[0]))
+    stack.enter_context(mock.patch.object(media_plan, "_PYTHON_ROUND_MAX", path[1]))
     return stack
 
 
@@ -370,10 +371,10 @@ def test_the_one_copy_read_of_an_accelerator_plans_the_same(spec: BatchSpec, pat
     the same copy as the check values), run on the CPU: the same order and costs."""
     media = build_batch(spec)
     with _on_path(path):
-        _, plan = balance_module._plan(media.batch, media.batch_size, 2, None)
+        _, plan = media_plan._plan(media.batch, media.batch_size, 2, None)
         want = balance_module._permutation(plan, 2)
-        with mock.patch.object(balance_module, "_is_host", lambda device: False):
-            _, packed = balance_module._plan(media.batch, media.batch_size, 2, None)
+        with mock.patch.object(media_plan, "_is_host", lambda device: False):
+            _, packed = media_plan._plan(media.batch, media.batch_size, 2, None)
             got = balance_module._permutation(packed, 2)
     if plan is None:
         assert packed is None
@@ -395,7 +396,7 @@ def test_planning_on_cuda_synchronises_once(path: tuple[int, int]) -> None:
     try:
         with _on_path(path), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _, plan = balance_module._plan(batch, media.batch_size, 2, None)
+            _, plan = media_plan._plan(batch, media.batch_size, 2, None)
             balance_module._permutation(plan, 2)
     finally:
         torch.cuda.set_sync_debug_mode("default")
