@@ -104,6 +104,27 @@ def _check_balanced_batch(spec: BatchSpec, data: Any) -> None:
     assert torch.equal(restore_sample_order(batch["input_ids"], order), before["input_ids"])
 
 
+@given(batch_specs(), st.data())
+def test_fused_balance_and_split_equals_the_two_in_turn(spec: BatchSpec, data: Any) -> None:
+    """One reading for both: the same order and the same chunks as balance_microbatches then
+    prepare_vlm_media_for_pp, in every layout and on every planning path."""
+    b, m = spec.batch_size, spec.n_microbatches
+    cost = data.draw(st.one_of(st.none(), st.lists(st.integers(0, 9), min_size=b, max_size=b)))
+    fused, apart = build_batch(spec).batch, build_batch(spec).batch
+    with _on_path(data.draw(st.sampled_from(PATHS))):
+        order = pp_media.balance_and_prepare_vlm_media_for_pp(fused, b, m, cost=cost)
+        assert order.tolist() == balance_microbatches(apart, b, m, cost=cost).tolist()
+    prepare_vlm_media_for_pp(apart, b, m)
+    assert fused.keys() == apart.keys()
+    for name, value in apart.items():
+        if name != VLM_PP_MEDIA_KEY:
+            assert torch.equal(fused[name], value), name
+    for name, chunks in apart[VLM_PP_MEDIA_KEY].items():
+        got = fused[VLM_PP_MEDIA_KEY][name]
+        assert [c.shape for c in got] == [c.shape for c in chunks], name
+        assert all(torch.equal(x, y) for x, y in zip(got, chunks, strict=True)), name
+
+
 def _reference_lpt(costs: list[float], m: int) -> float:
     """Largest microbatch cost of LPT by rounds with every round dealt one by one."""
     loads = [0.0] * m
@@ -302,11 +323,12 @@ def test_bad_media_raise_like_the_core_and_leave_the_batch(
     make, field = BAD_MEDIA[case]
     batch = make()
     snapshot = {name: (value, value.clone()) for name, value in batch.items()}
-    with _on_path(path), pytest.raises(ValueError, match=f"'{field}'"):
-        balance_microbatches(batch, 5, 2, cost=[9, 0, 0, 0, 9])
-    assert batch.keys() == snapshot.keys()
-    for name, (value, copy) in snapshot.items():
-        assert batch[name] is value and torch.equal(value, copy), name
+    for balance in (balance_microbatches, pp_media.balance_and_prepare_vlm_media_for_pp):
+        with _on_path(path), pytest.raises(ValueError, match=f"'{field}'"):
+            balance(batch, 5, 2, cost=[9, 0, 0, 0, 9])
+        assert batch.keys() == snapshot.keys()
+        for name, (value, copy) in snapshot.items():
+            assert batch[name] is value and torch.equal(value, copy), name
     with pytest.raises(ValueError, match=f"'{field}'"):
         prepare_vlm_media_for_pp(make(), 5, 2)
 
