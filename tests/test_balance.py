@@ -32,6 +32,7 @@ from pp_media import (
 )
 from pp_media._core import balance as balance_module
 from pp_media._core import media_plan
+from pp_media._core import reading as reading_module
 from pp_media._core.bounds import sample_bounds
 from tests.helpers import media_batches as mb
 from tests.helpers.ranks import case_results, spawn_ranks
@@ -123,6 +124,24 @@ def test_fused_balance_and_split_equals_the_two_in_turn(spec: BatchSpec, data: A
         got = fused[VLM_PP_MEDIA_KEY][name]
         assert [c.shape for c in got] == [c.shape for c in chunks], name
         assert all(torch.equal(x, y) for x, y in zip(got, chunks, strict=True)), name
+
+
+@given(batch_specs(layouts=("qwen", "kimi"), videos=False), st.integers(1, 12))
+def test_the_common_layout_plans_on_a_short_path_as_the_general_one(
+    spec: BatchSpec, m: int
+) -> None:
+    """Flat images, a grid, counts: the short path's plan is the general path's."""
+    batch = build_batch(spec).batch
+    b = spec.batch_size
+    m = min(m, b)
+    layout = pp_media.SEED_LAYOUT
+    present = reading_module.present_media(batch, layout)
+    fields = reading_module.flat_counted_fields(layout, frozenset(present))
+    short = media_plan.plan_flat_counted(layout.groups[0], fields, present, b, m)
+    assert short is not None
+    _, general = media_plan._plan(batch, b, m, None)
+    for name in ("by_cost", "sorted_costs", "natural", "patches", "group_rows", "integer"):
+        assert getattr(short[1], name) == getattr(general, name), name
 
 
 def _reference_lpt(costs: list[float], m: int) -> float:

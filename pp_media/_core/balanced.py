@@ -20,9 +20,20 @@ import torch
 from pp_media._core.balance import _permutation, permuted_fields
 from pp_media._core.bounds import sample_bounds, sample_ends_tensor
 from pp_media._core.errors import check_microbatches, require_int_tensor, require_tensor
-from pp_media._core.media_plan import SampleCost, SampleLayout, _Plan, _plan
+from pp_media._core.media_plan import (
+    SampleCost,
+    SampleLayout,
+    _Plan,
+    _plan,
+    plan_flat_counted,
+)
 from pp_media._core.padding import pad_to_even_microbatches
-from pp_media._core.reading import GroupReading, _require_rows
+from pp_media._core.reading import (
+    GroupReading,
+    _require_rows,
+    flat_counted_fields,
+    present_media,
+)
 from pp_media._core.row_maps import Chunks, split_group
 from pp_media._keys import VLM_PP_MEDIA_KEY
 from pp_media._layouts import SEED_LAYOUT, MediaLayout
@@ -49,9 +60,22 @@ def _balanced(
     cost: SampleCost | None,
     layout: MediaLayout,
 ) -> tuple[SampleLayout, _Plan | None, torch.Tensor | None]:
+    """The batch read once: where its media go, the plan, and the order (None: keep it)."""
     check_microbatches(batch_size, n_microbatches)
     _refuse_prepared(batch)
-    sample_layout, plan = _plan(batch, batch_size, n_microbatches, cost, layout)
+    short = None
+    if cost is None:
+        present = present_media(batch, layout)
+        fields = flat_counted_fields(layout, frozenset(present)) if present else None
+        if fields is not None:
+            group = next(g for g in layout.groups if g.pixels == fields[0])
+            short = plan_flat_counted(group, fields, present, batch_size, n_microbatches)
+    if short is not None:
+        # Where the fields go when samples move is only needed to move them: see _moves.
+        reading, plan = short
+        sample_layout = SampleLayout(batch_size, layout.media_fields, pending=[reading])
+    else:
+        sample_layout, plan = _plan(batch, batch_size, n_microbatches, cost, layout)
     order = None if plan is None else _permutation(plan, n_microbatches)
     return sample_layout, plan, order
 
@@ -91,7 +115,7 @@ def balance_microbatches(
     sample_layout, plan, order = _balanced(batch, batch_size, n_microbatches, cost, layout)
     if order is None:
         return torch.arange(batch_size)
-    batch.update(permuted_fields(batch, sample_layout, plan, order, keys))
+    batch.update(permuted_fields(batch, sample_layout.complete(), plan, order, keys))
     return order
 
 
@@ -112,24 +136,52 @@ def balance_and_prepare_vlm_media_for_pp(
     under ``VLM_PP_MEDIA_KEY`` (when it has media). ``wrap_vlm_collate_for_pp(...,
     balance_media=True)`` calls this.
     """
-    sample_layout, plan, order = _balanced(batch, batch_size, n_microbatches, cost, layout)
-    if plan is None:
+    planned = _plan_balanced_split(batch, batch_size, n_microbatches, cost, layout)
+    if planned is None:
         return torch.arange(batch_size)
-    updates = {} if order is None else permuted_fields(batch, sample_layout, plan, order, keys)
+    sample_layout, plan, order, splits = planned
+    updates = {}
+    if order is not None:
+        updates = permuted_fields(batch, sample_layout.complete(), plan, order, keys)
     media: Chunks = {}
-    if sample_layout.groups:
-        positions = None if order is None else order.tolist()
-        for group, rows in zip(sample_layout.groups, plan.group_rows, strict=True):
-            reading = _permuted_reading(group.reading, updates)
-            item_b = _bounds(rows[0], order, positions, batch_size, n_microbatches)
-            pixel_b = _bounds(rows[1], order, positions, batch_size, n_microbatches)
-            media.update(split_group(reading, item_b, pixel_b, n_microbatches))
+    for reading, item_b, pixel_b in splits:
+        reading = _permuted_reading(reading, updates)
+        media.update(split_group(reading, item_b, pixel_b, n_microbatches))
     batch.update(updates)
-    if sample_layout.groups:
+    if splits:
         for key in sample_layout.removed:
             batch.pop(key, None)
         batch[VLM_PP_MEDIA_KEY] = media
     return torch.arange(batch_size) if order is None else order
+
+
+#: Each group's reading with its item and row offsets at the engine's bounds, after the order.
+Splits = list[tuple[GroupReading, Sequence[int] | None, Sequence[int] | None]]
+
+
+def _plan_balanced_split(
+    batch: MutableMapping[str, Any],
+    batch_size: int,
+    n_microbatches: int,
+    cost: SampleCost | None,
+    layout: MediaLayout,
+) -> tuple[SampleLayout, _Plan, torch.Tensor | None, Splits] | None:
+    """Everything but moving the data: the order, and the split offsets of the permuted batch
+    from the plan's per-sample rows (no second read). None: no media and no cost."""
+    sample_layout, plan, order = _balanced(batch, batch_size, n_microbatches, cost, layout)
+    if plan is None:
+        return None
+    readings = [group.reading for group in sample_layout.groups] + sample_layout.pending
+    positions = None if order is None or not readings else order.tolist()
+    splits: Splits = [
+        (
+            reading,
+            _bounds(items, order, positions, batch_size, n_microbatches),
+            _bounds(rows, order, positions, batch_size, n_microbatches),
+        )
+        for reading, (items, rows) in zip(readings, plan.group_rows, strict=True)
+    ]
+    return sample_layout, plan, order, splits
 
 
 def _permuted_reading(reading: GroupReading, updates: dict[str, torch.Tensor]) -> GroupReading:

@@ -26,7 +26,7 @@ import torch
 from pp_media._core.bounds import sample_bounds, sample_ends_tensor
 from pp_media._core.errors import check_microbatches, media_error
 from pp_media._core.reading import GroupReading, present_media, read_media
-from pp_media._layouts import SEED_LAYOUT, MediaLayout
+from pp_media._layouts import SEED_LAYOUT, MediaGroup, MediaLayout
 
 #: A per-sample cost: a ``[B]`` tensor (or sequence), or a function of the batch returning one.
 SampleCost = torch.Tensor | Callable[[Mapping[str, Any]], Any]
@@ -86,6 +86,15 @@ class SampleLayout:
     #: Rows of each sample in each pixel tensor: their sum is the default cost.
     cost_rows: list[Rows] = field(default_factory=list)
     consumed: set[str] = field(default_factory=set)
+    #: Groups planned on a short path whose moves are not listed yet (``complete``).
+    pending: list[GroupReading] = field(default_factory=list)
+
+    def complete(self) -> SampleLayout:
+        """List the moves of the pending groups (a permutation is about to apply); returns self."""
+        pending, self.pending = self.pending, []
+        for reading in pending:
+            add_group(self, reading)
+        return self
 
     def count(self, values: torch.Tensor, check: Check) -> int:
         """Record a 1-D int64 tensor to check after the read; returns its index."""
@@ -105,7 +114,7 @@ def _is_host(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _add_group(layout: SampleLayout, reading: GroupReading) -> None:
+def add_group(layout: SampleLayout, reading: GroupReading) -> None:
     """Where the fields of one group go when its samples move, and what they cost."""
     group = reading.group
     item_fields = [group.pixels] if reading.pixel_rows == "items" else []
@@ -152,7 +161,7 @@ def sample_layout(
     reading = read_media(present, batch_size, media_layout)
     layout = SampleLayout(batch_size, reading.removed)
     for group in reading.groups:
-        _add_group(layout, group)
+        add_group(layout, group)
     return layout
 
 
@@ -353,6 +362,57 @@ def _plan_on_host(layout: SampleLayout, user: torch.Tensor | None, m: int) -> _P
         for g in layout.groups
     ]
     return _Plan(by_cost, sorted_costs, None, None, natural, patches, integer, group_rows)
+
+
+#: Integer dtypes the common layout's short path accepts (the general one takes others too).
+_INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+
+
+def plan_flat_counted(
+    group: MediaGroup, fields: tuple[str, str, str], present: Mapping[str, Any], b: int, m: int
+) -> tuple[GroupReading, _Plan] | None:
+    """The common layout (flat pixels, a 2-D grid, per-sample counts) of a small batch on a
+    short path: the checks of ``read_media``, one host read, the default costs, in Python.
+
+    Returns the group's reading and the plan only for input the general path accepts too, with
+    the same plan; None for anything else (another type, dtype, shape or size, a bad value),
+    which the general path then plans or rejects with the message naming the field.
+    """
+    pixels, grid, counts = (present[name] for name in fields)
+    if not (
+        isinstance(pixels, torch.Tensor)
+        and isinstance(grid, torch.Tensor)
+        and isinstance(counts, torch.Tensor)
+        and grid.dim() == 2
+        and counts.dim() == 1
+        and pixels.dim() != 0
+        and grid.dtype in _INT_DTYPES
+        and counts.dtype in _INT_DTYPES
+        and counts.device == grid.device
+    ):
+        return None
+    n_items, n_rows = grid.shape[0], pixels.shape[0]
+    if counts.shape[0] != b or n_rows == n_items or b + n_items > _HOST_PLAN_MAX:
+        return None
+    sizes = grid.prod(dim=1)
+    row = torch.cat((counts, sizes)).tolist()
+    if min(row) < 0:
+        return None
+    item_sums = list(itertools.accumulate(row[:b], initial=0))
+    patch_sums = list(itertools.accumulate(row[b:], initial=0))
+    if item_sums[-1] != n_items or patch_sums[-1] != n_rows:
+        return None
+    ends = list(map(patch_sums.__getitem__, item_sums))
+    patches = list(map(sub, ends[1:], ends))
+    bounds = sample_bounds(b, m)
+    natural = list(map(sub, map(ends.__getitem__, bounds[1:]), map(ends.__getitem__, bounds)))
+    by_cost = sorted(range(b), key=patches.__getitem__, reverse=True)
+    sorted_costs = list(map(patches.__getitem__, by_cost))
+    reading = GroupReading(
+        group, b, pixels, "rows", counts, True, fields[1], grid, sizes, fields[1], n_items, [], []
+    )
+    plan = _Plan(by_cost, sorted_costs, None, None, natural, [patches], True, [(row[:b], patches)])
+    return reading, plan
 
 
 def _plan(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -11,25 +10,10 @@ import torch
 from pp_media._core.errors import check_microbatches, check_n_microbatches
 from pp_media._core.host_read import DeferredHostRead
 from pp_media._core.padding import pad_to_even_microbatches
-from pp_media._core.reading import present_media, read_media
+from pp_media._core.reading import flat_counted_fields, present_media, read_media
 from pp_media._core.row_maps import Chunks, plan_media_group, split_flat_counted
 from pp_media._keys import VLM_PP_MEDIA_KEY
-from pp_media._layouts import SEED_LAYOUT, GridRows, MediaLayout
-
-
-@functools.lru_cache(maxsize=128)
-def _fast_fields(layout: MediaLayout, keys: frozenset[str]) -> tuple[str, str, str] | None:
-    """(pixels, grid, counts) when the batch is exactly flat pixels, a grid and counts."""
-    for group in layout.groups:
-        if group.pixels not in keys:
-            continue
-        if not (isinstance(group.rows, GridRows) and group.items is not None):
-            return None
-        grid = next((name for name in group.rows.fields if name in keys), None)
-        if grid is None or keys != {group.pixels, grid, group.items}:
-            return None
-        return group.pixels, grid, group.items
-    return None
+from pp_media._layouts import SEED_LAYOUT, MediaLayout
 
 
 def prepare_vlm_media_for_pp(
@@ -59,7 +43,7 @@ def prepare_vlm_media_for_pp(
             f"{sorted(present)}; prepare each batch once."
         )
     keys = frozenset(present)
-    fast = _fast_fields(layout, keys)
+    fast = flat_counted_fields(layout, keys)
     if fast is not None:
         # The common layout on a short path; anything unusual falls through to the plans below,
         # which split it or raise the error that names the field.

@@ -184,9 +184,19 @@ def _needs(layout: MediaLayout, key: str) -> str:
     return needs
 
 
-def media_keys(layout: MediaLayout) -> tuple[str, ...]:
-    """The keys whose presence makes a batch a media batch."""
-    return layout.media_fields
+@functools.lru_cache(maxsize=128)
+def flat_counted_fields(layout: MediaLayout, keys: frozenset[str]) -> tuple[str, str, str] | None:
+    """(pixels, grid, counts) when the batch is exactly flat pixels, a grid and counts."""
+    for group in layout.groups:
+        if group.pixels not in keys:
+            continue
+        if not (isinstance(group.rows, GridRows) and group.items is not None):
+            return None
+        grid = next((name for name in group.rows.fields if name in keys), None)
+        if grid is None or keys != {group.pixels, grid, group.items}:
+            return None
+        return group.pixels, grid, group.items
+    return None
 
 
 def present_media(batch: Mapping[str, Any], layout: MediaLayout) -> dict[str, Any]:
