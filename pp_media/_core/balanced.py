@@ -172,7 +172,8 @@ def _plan_balanced_split(
     if plan is None:
         return None
     readings = [group.reading for group in sample_layout.groups] + sample_layout.pending
-    positions = None if order is None or not readings else order.tolist()
+    lists = any(isinstance(part, list) for pair in plan.group_rows for part in pair)
+    positions = order.tolist() if order is not None and lists else None
     splits: Splits = [
         (
             reading,
