@@ -118,6 +118,12 @@ class MediaLayout:
         seen: dict[str, None] = dict.fromkeys(self.field_order)
         for group in self.groups:
             seen.update(dict.fromkeys(group.media_fields))
+        stray = len(seen) - len({name for group in self.groups for name in group.media_fields})
+        if stray:
+            raise ValueError(
+                f"pp_media: MediaLayout.field_order {list(self.field_order)} names fields that no "
+                "group has; list only the groups' media fields."
+            )
         object.__setattr__(self, "media_fields", tuple(seen))
 
     def group_fields(self) -> dict[str, frozenset[str]]:

@@ -31,9 +31,11 @@ from pp_media import (
     restore_sample_order,
 )
 from pp_media._core import balance as balance_module
+from pp_media._core import balanced as balanced_module
 from pp_media._core import media_plan
 from pp_media._core import reading as reading_module
 from pp_media._core.bounds import sample_bounds
+from pp_media._core.row_maps import split_group
 from tests.helpers import media_batches as mb
 from tests.helpers.ranks import case_results, spawn_ranks
 from tests.helpers.strategies import BatchSpec, batch_specs, build_batch, example_spec
@@ -424,6 +426,11 @@ def test_the_one_copy_read_of_an_accelerator_plans_the_same(spec: BatchSpec, pat
         return
     assert torch.equal(torch.as_tensor(packed.by_cost), torch.as_tensor(plan.by_cost))
     assert torch.equal(torch.as_tensor(packed.sorted_costs), torch.as_tensor(plan.sorted_costs))
+    for got_rows, want_rows in zip(packed.group_rows, plan.group_rows, strict=True):
+        for got_part, want_part in zip(got_rows, want_rows, strict=True):
+            assert (got_part is None) == (want_part is None)
+            if got_part is not None:  # the per-sample rows the split reads came in the copy
+                assert torch.equal(torch.as_tensor(got_part), torch.as_tensor(want_part))
     assert (got is None) == (want is None)
     assert got is None or torch.equal(got, want)
 
@@ -441,10 +448,18 @@ def test_planning_on_cuda_synchronises_once(path: tuple[int, int]) -> None:
             warnings.simplefilter("always")
             _, plan = media_plan._plan(batch, media.batch_size, 2, None)
             balance_module._permutation(plan, 2)
+        with _on_path(path), warnings.catch_warnings(record=True) as fused:
+            warnings.simplefilter("always")
+            planned = balanced_module._plan_balanced_split(
+                batch, media.batch_size, 2, None, pp_media.SEED_LAYOUT
+            )
+            for reading, items, rows in planned[3]:
+                split_group(reading, items, rows, 2)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchronizing" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    for warned in (caught, fused):  # balancing alone; balancing and the split's offsets
+        syncs = [w for w in warned if "synchronizing" in str(w.message)]
+        assert len(syncs) == 1, [str(w.message) for w in syncs]
 
 
 @pytest.mark.parametrize("key", sorted(balance_worker.CASES))

@@ -161,6 +161,8 @@ def test_bad_descriptions_and_layout_values_are_refused() -> None:
         MediaGroup("pixels", missing_items=2)
     with pytest.raises(ValueError, match=re.escape("item_pixels ['crops'] must also be listed")):
         MediaGroup("pixels", item_pixels=("crops",))
+    with pytest.raises(ValueError, match="names fields that no group has"):
+        MediaLayout((MediaGroup("pixels"),), field_order=("pixels", "other"))
     with pytest.raises(
         TypeError, match=re.escape("layout must be a pp_media.MediaLayout, got dict")
     ):
