@@ -91,7 +91,8 @@ def flop_stage_costs(
     text = model.get_submodule(adapter.text_model_path)
     vision_params = sum(_numel(model.get_submodule(path)) for path in adapter.vision_paths)
     vision = _vision_config(config)
-    vision_width = getattr(vision, "hidden_size", None) or getattr(vision, "embed_dim", 0)
+    # Qwen2-VL's vision width is ``embed_dim`` (its ``hidden_size`` is the text width).
+    vision_width = getattr(vision, "embed_dim", None) or getattr(vision, "hidden_size", 0)
     vision_depth = getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", 0)
     if batch is None:
         samples, seq_len, items = 1, DEFAULT_TOKENS, [DEFAULT_PATCHES]
