@@ -3,7 +3,9 @@
 Measured: copies of four stage shapes (stage 0 without decoder layers, a middle stage with none
 and with one or two, the last stage without any) run forward and backward on the sample
 batch's microbatches, exactly as the pipeline will run them, on this rank's device and dtype,
-interleaved and repeated; the medians give the per-part costs in seconds. The copies leave the
+interleaved and repeated; the medians give the per-part costs in seconds (the process's CPU
+time on the CPU, so that other processes on the same cores do not skew it; wall time on an
+accelerator). The copies leave the
 caller's model (and its gradients) alone.
 
 FLOP model: forward+backward = 3x the forward's multiply-adds of each part's parameters over the
@@ -153,9 +155,13 @@ def _stage_copy(
     return stage.train()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _clock(device: torch.device) -> float:
+    """Seconds: this process's CPU time on the CPU (other processes sharing the cores do not
+    count), wall time after synchronising on an accelerator."""
+    if device.type == "cpu":
+        return time.process_time()
+    torch.accelerator.synchronize(device)
+    return time.perf_counter()
 
 
 def _as_tuple(output: Any) -> tuple[torch.Tensor, ...]:
@@ -169,10 +175,7 @@ def _backward(outputs: tuple[torch.Tensor, ...]) -> None:
 
 def _received(outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """What the next stage receives: detached, floats requiring grad (as torch's stages do)."""
-    return tuple(
-        o.detach().requires_grad_(o.is_floating_point()) if o.is_floating_point() else o.detach()
-        for o in outputs
-    )
+    return tuple(o.detach().requires_grad_(o.is_floating_point()) for o in outputs)
 
 
 def measure_stage_costs(
@@ -234,13 +237,11 @@ def measure_stage_costs(
     times: dict[str, list[float]] = {name: [] for name in parts}
     for repeat in range(repeats + 1):
         for name, run in parts.items():
-            _sync(device)
-            started = time.perf_counter()
+            started = _clock(device)
             for k in range(n_microbatches):
                 run(k)
-            _sync(device)
             if repeat:  # the first round warms up
-                times[name].append(time.perf_counter() - started)
+                times[name].append(_clock(device) - started)
     median = {name: statistics.median(values) for name, values in times.items()}
     return StageCosts(
         first=max(median["first"] - median["empty"], 0.0),
