@@ -501,6 +501,7 @@ def report_measured(results: dict[str, Any], n_layers: int) -> tuple[float, floa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 round instead of 3")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of the sweep")
     args = parser.parse_args(argv)
     costs = report_configs()
     vision, text = scaled_shapes(*QWEN25_VL["7B"])
@@ -511,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{vision.depth}, MLP {vision.intermediate}"
     )
     print()
-    rounds = 1 if args.quick else 3
+    rounds = args.rounds or (1 if args.quick else 3)
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             worker,

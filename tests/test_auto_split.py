@@ -122,3 +122,35 @@ def test_flop_model_counts_parameters_tokens_and_patches() -> None:
     assert costs.first == 3 * (2 * vision * 1024 + vision_attention)
     assert costs.last == 3 * 2 * text.hidden_size * text.vocab_size * tokens
     assert costs.unit == "flop" and costs.source == "FLOP model of the default workload"
+
+
+def test_choose_layout_takes_strings_and_refuses_a_batch_it_would_not_use() -> None:
+    transformers = pytest.importorskip("transformers")
+    from pp_media._cli.tiny_models import tiny_config
+    from pp_media._hf.auto_split import choose_layout
+    from pp_media._hf.families import adapter_for
+
+    config = tiny_config("qwen2_vl")
+    with torch.device("meta"):
+        model = transformers.AutoModelForImageTextToText.from_config(config)
+    common = {"n_microbatches": 4, "group": None, "device": "cpu", "dtype": None}
+    adapter = adapter_for(config)
+    layout = choose_layout(
+        model, adapter, config, "1F1B", 2, None, "1,3", sample_batch=None, **common
+    )
+    assert layout.layers == ((0,), (1, 2, 3)) and layout.costs is None
+    # Without a batch, "auto" uses the FLOP model and needs no process group.
+    auto = choose_layout(
+        model, adapter, config, "1F1B", 2, None, "auto", sample_batch=None, **common
+    )
+    assert auto.costs.parts.unit == "flop"
+    assert auto.layers_per_stage == auto_layers_per_stage(auto.costs.parts, 4, 2, auto.rank_of, 2)
+    assert auto.costs == estimate(auto.costs.parts, auto.layers_per_stage, auto.rank_of, 2)
+    with pytest.raises(ValueError) as error:
+        choose_layout(
+            model, adapter, config, "1F1B", 2, None, "1,3", sample_batch={"input_ids": 0}, **common
+        )
+    assert str(error.value) == (
+        "pp_media: sample_batch is only used by layers_per_stage='auto' (to measure the parts' "
+        "costs); got layers_per_stage='1,3'. Drop one of them."
+    )
