@@ -105,7 +105,6 @@ def _derive_counts(
     note. Returns how each kind's counts were found."""
     sources: dict[str, str] = {}
     input_ids = work["input_ids"]
-    adapter.core_layout(work)
     for kind in adapter.media:
         token_id = adapter.token_id(config, kind)
         if work.get(kind.pixel_field) is None:
@@ -154,7 +153,9 @@ def inspect_batch(
         sources = _derive_counts(work, adapter, config, notes, refusals)
         if any(work.get(kind.pixel_field) is not None for kind in adapter.media):
             try:
-                prepare_vlm_media_for_pp(work, batch_size, n_microbatches)
+                prepare_vlm_media_for_pp(
+                    work, batch_size, n_microbatches, layout=adapter.media_layout
+                )
             except ValueError:
                 if refusals:  # best-fit counts cannot split it either: the step's own error
                     raise refusals[0] from None
@@ -287,7 +288,7 @@ def _first_line(error: BaseException) -> str:
 
 def load_config(model: str) -> tuple[Any, FamilyAdapter]:
     """``--model``: a tiny model type, or a checkpoint directory with a config.json."""
-    from pp_media._cli.tiny_models import tiny_config, tiny_model_types
+    from pp_media.testing import tiny_config, tiny_model_types
 
     if Path(model).is_dir():
         if not (Path(model) / "config.json").is_file():
@@ -337,7 +338,7 @@ def load_batch(path: str) -> dict[str, torch.Tensor]:
 def _synthetic(
     config: Any, adapter: FamilyAdapter, args: argparse.Namespace
 ) -> dict[str, torch.Tensor]:
-    from pp_media._cli.synthetic import default_seq_len, synthetic_batch
+    from pp_media.testing import default_seq_len, synthetic_batch
 
     if args.videos and not any(kind.name == "video" for kind in adapter.media):
         raise InspectError(f"--videos needs a family with videos; {config.model_type} has none")
