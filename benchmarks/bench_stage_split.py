@@ -234,7 +234,7 @@ def scaled_shapes(real_vision: Vision, real_text: Text) -> tuple[Vision, Text]:
 def scaled_config(vision: Vision, text: Text) -> Any:
     import transformers
 
-    from pp_media._cli.tiny_models import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START
+    from pp_media.testing import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START
 
     half = text.head_dim // 2
     sections = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]

@@ -53,9 +53,8 @@ CASES = (
 def run_case(case: Case) -> dict[str, Any]:
     import transformers
 
-    from pp_media._cli.synthetic import default_seq_len, synthetic_batch
-    from pp_media._cli.tiny_models import tiny_config
     from pp_media._hf.pipeline import build_vlm_pipeline
+    from pp_media.testing import default_seq_len, synthetic_batch, tiny_config
 
     config = tiny_config(case.model_type)
     torch.manual_seed(MODEL_SEED)

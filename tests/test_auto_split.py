@@ -106,9 +106,9 @@ def test_layers_option_refuses_clearly() -> None:
 def test_flop_model_counts_parameters_tokens_and_patches() -> None:
     """On a meta-device tiny Qwen2-VL: 6 x parameters x tokens (or patches) plus attention."""
     transformers = pytest.importorskip("transformers")
-    from pp_media._cli.tiny_models import tiny_config
     from pp_media._hf.families import adapter_for
     from pp_media._hf.stage_costs import flop_stage_costs
+    from pp_media.testing import tiny_config
 
     config = tiny_config("qwen2_vl")
     with torch.device("meta"):
@@ -126,9 +126,9 @@ def test_flop_model_counts_parameters_tokens_and_patches() -> None:
 
 def test_choose_layout_takes_strings_and_refuses_a_batch_it_would_not_use() -> None:
     transformers = pytest.importorskip("transformers")
-    from pp_media._cli.tiny_models import tiny_config
     from pp_media._hf.auto_split import choose_layout
     from pp_media._hf.families import adapter_for
+    from pp_media.testing import tiny_config
 
     config = tiny_config("qwen2_vl")
     with torch.device("meta"):
