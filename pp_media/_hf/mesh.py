@@ -50,6 +50,15 @@ class ParallelGroups:
         return tuple(sorted(rank for ranks in self.replica_ranks for rank in ranks))
 
 
+def mesh_wide_group(groups: ParallelGroups) -> dist.ProcessGroup:
+    """A group of every rank of the mesh: the world when the mesh covers it (no new group),
+    else a new one that only the mesh's ranks create."""
+    ranks = list(groups.all_ranks)
+    if len(ranks) == dist.get_world_size():
+        return dist.group.WORLD
+    return dist.new_group(ranks, use_local_synchronization=True)
+
+
 def _check_mesh(mesh: DeviceMesh) -> None:
     names = mesh.mesh_dim_names
     if mesh.ndim != 2 or names is None or sorted(names) != sorted(MESH_DIMS):

@@ -17,12 +17,13 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from pp_media._core.device import move_vlm_media_to_device
 from pp_media._hf import data_parallel as dp_wrapping
 from pp_media._hf.agreement import agree_on_batches
+from pp_media._hf.auto_split import choose_layout
 from pp_media._hf.batch import StepInputs, prepare_step_inputs
 from pp_media._hf.families import FamilyAdapter, adapter_for
 from pp_media._hf.grad_clip import clip_grad_norm
 from pp_media._hf.loss import TokenSumCrossEntropy
-from pp_media._hf.mesh import ParallelGroups, resolve_groups
-from pp_media._hf.partition import StageLayout, plan_stages
+from pp_media._hf.mesh import ParallelGroups, mesh_wide_group, resolve_groups
+from pp_media._hf.partition import StageLayout
 from pp_media._hf.pruning import prune_to_stage
 from pp_media._hf.stage_module import VLMStage
 from pp_media._hf.tied import TiedEmbeddingSync, unique_parameters
@@ -156,11 +157,7 @@ class VLMPipeline:
         if self.mesh is None:
             return self.prepare(batch)
         if self._agreement_group is None:
-            ranks = list(self._groups.all_ranks)
-            whole = len(ranks) == dist.get_world_size()
-            self._agreement_group = (
-                dist.group.WORLD if whole else dist.new_group(ranks, use_local_synchronization=True)
-            )
+            self._agreement_group = mesh_wide_group(self._groups)
         inputs, label_tokens = agree_on_batches(
             lambda: self.prepare(batch), self._groups, self._agreement_group, self.device
         )
@@ -289,9 +286,10 @@ def build_vlm_pipeline(
     schedule: str = "1F1B",
     n_microbatches: int = 4,
     stages_per_rank: int | None = None,
-    layers_per_stage: Sequence[int] | None = None,
+    layers_per_stage: Sequence[int] | str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    sample_batch: Mapping[str, Any] | None = None,
 ) -> VLMPipeline:
     """Split a Hugging Face ``*ForConditionalGeneration`` VLM into pipeline stages.
 
@@ -300,7 +298,12 @@ def build_vlm_pipeline(
     its own stages' tensors. ``group`` is the pipeline process group (default: the whole
     world). ``schedule`` is one of torch's schedule names; ``stages_per_rank`` defaults to 1
     (GPipe, 1F1B) or 2 (interleaved and V schedules); decoder layers are balanced over the
-    stages unless ``layers_per_stage`` says otherwise. Call on every rank of ``group``.
+    stages unless ``layers_per_stage`` says otherwise: per-stage counts (``[1, 3]`` or
+    ``"1,3"``), or ``"auto"``, which picks the counts minimising the slowest rank's cost
+    (stage 0 may get none), from costs measured on ``sample_batch`` (a collated batch like
+    the ones ``step`` will get; measured by the group's rank 0 on its device and broadcast,
+    by the mesh's first rank to every replica under data parallelism), or from a FLOP model
+    without one; ``pipe.layout.costs`` holds the estimate. Call on every rank of ``group``.
 
     Data parallel x pipeline: ``mesh`` (a 2-D ``DeviceMesh`` with dims ``dp`` and ``pp``) or
     ``dp_size`` (the mesh ``(dp_size, world // dp_size)`` over the whole world, pipelines on
@@ -328,8 +331,21 @@ def build_vlm_pipeline(
     source, checkpoint = _load_model_source(model, dtype)
     config = source.config
     adapter = adapter_for(config)
-    n_layers = len(source.get_submodule(adapter.text_model_path).layers)
-    layout = plan_stages(schedule, pp_size, n_layers, stages_per_rank, layers_per_stage)
+    layout = choose_layout(
+        source,
+        adapter,
+        config,
+        schedule,
+        pp_size,
+        stages_per_rank,
+        layers_per_stage,
+        sample_batch=sample_batch,
+        n_microbatches=n_microbatches,
+        # Under DP every replica must get the same split: one measurement for the whole mesh.
+        group=group if groups.mesh is None else mesh_wide_group(groups),
+        device=target_device,
+        dtype=dtype,
+    )
     tied = _is_tied(source, adapter)
 
     last = layout.n_stages - 1
