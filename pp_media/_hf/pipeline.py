@@ -72,6 +72,9 @@ class VLMPipeline:
         tied: TiedEmbeddingSync,
         n_microbatches: int,
         device: torch.device,
+        *,
+        model_class: type | None = None,
+        tied_embeddings: bool = False,
     ) -> None:
         self.stages = stages
         self.schedule = schedule
@@ -82,6 +85,10 @@ class VLMPipeline:
         self.tied = tied
         self.n_microbatches = n_microbatches
         self.device = device
+        #: The ``*ForConditionalGeneration`` class split here (what ``save_pretrained`` writes).
+        self.model_class = model_class
+        #: Whether the input embedding and the LM head are one matrix in the unsplit model.
+        self.tied_embeddings = tied_embeddings
         self._microbatch_shape: tuple[int, ...] | None = None
 
     @property
@@ -142,6 +149,55 @@ class VLMPipeline:
             return None
         return torch.stack([loss.detach() for loss in losses]).sum()
 
+    def save_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        step: int = 0,
+    ) -> None:
+        """Save a training checkpoint to the directory ``path`` (``torch.distributed.checkpoint``:
+        each rank writes its own shards; keys are the unsplit model's names). Call on every rank;
+        ``optimizer`` is the one over ``pipe.parameters()``."""
+        from pp_media._hf.checkpointing import save_checkpoint
+
+        save_checkpoint(path, self.stages, self.adapter, self.tied_embeddings, optimizer, step)
+
+    def load_checkpoint(
+        self, path: str | os.PathLike[str], *, optimizer: torch.optim.Optimizer | None = None
+    ) -> int:
+        """Load a ``save_checkpoint`` directory into this pipeline (and ``optimizer``) and return
+        its step. Works for any stage split, schedule and data-parallel size of the same model.
+        Call on every rank, before training (or right after an optimizer step)."""
+        from pp_media._hf.checkpointing import load_checkpoint
+
+        return load_checkpoint(path, self.stages, self.adapter, self.tied_embeddings, optimizer)
+
+    def save_pretrained(
+        self, path: str | os.PathLike[str], *, max_shard_size: int | str = "5GB"
+    ) -> None:
+        """Export the whole model to ``path`` as a Hugging Face directory (config, safetensors,
+        an index when sharded beyond ``max_shard_size``) that ``from_pretrained`` of the
+        original class loads. Call on every rank; global rank 0 writes."""
+        from pp_media._hf.export import save_pretrained
+
+        if self.model_class is None:
+            raise ValueError(
+                "pp_media: this pipeline does not know its model class; build it with "
+                "build_vlm_pipeline to export it."
+            )
+        save_pretrained(
+            path,
+            self.stages,
+            model_class=self.model_class,
+            config=self.config,
+            adapter=self.adapter,
+            tied=self.tied_embeddings,
+            send=getattr(self, "dp_rank", 0) == 0,
+            device=self.device,
+            max_shard_size=max_shard_size,
+        )
+
 
 def _load_model_source(
     model: nn.Module | str | os.PathLike[str], dtype: torch.dtype | None
@@ -196,6 +252,7 @@ def build_vlm_pipeline(
     layers_per_stage: Sequence[int] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    activation_checkpointing: bool = False,
 ) -> VLMPipeline:
     """Split a Hugging Face ``*ForConditionalGeneration`` VLM into pipeline stages.
 
@@ -204,7 +261,9 @@ def build_vlm_pipeline(
     its own stages' tensors. ``group`` is the pipeline process group (default: the whole
     world). ``schedule`` is one of torch's schedule names; ``stages_per_rank`` defaults to 1
     (GPipe, 1F1B) or 2 (interleaved and V schedules); decoder layers are balanced over the
-    stages unless ``layers_per_stage`` says otherwise. Call on every rank of ``group``.
+    stages unless ``layers_per_stage`` says otherwise. ``activation_checkpointing`` recomputes
+    each decoder layer's activations in backward instead of keeping them (names unchanged).
+    Call on every rank of ``group``.
     """
     if not dist.is_initialized():
         raise RuntimeError(
@@ -252,6 +311,10 @@ def build_vlm_pipeline(
             stage.to(device=target_device, dtype=dtype)
     for stage in stages:
         stage.train()
+    if activation_checkpointing:
+        from pp_media._hf.activation import checkpoint_decoder_layers
+
+        checkpoint_decoder_layers(stages, adapter)
 
     tied_sync = TiedEmbeddingSync.create(
         tied,
@@ -271,4 +334,6 @@ def build_vlm_pipeline(
         tied_sync,
         n_microbatches,
         target_device,
+        model_class=type(source),
+        tied_embeddings=tied,
     )
