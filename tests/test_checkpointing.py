@@ -108,7 +108,8 @@ def test_export_reloads_with_the_pipelines_logits(runs: dict[str, Any], label: s
         "error_msgs": [],
     }
     assert exported["logits_scale"] > 0.1
-    assert exported["logits_diff"] == 0.0
+    # Measured 0.0: the same weights and per-sample forward; only the batch split differs.
+    assert exported["logits_diff"] <= 1e-5
     assert exported["tied_after_load"], "tied embeddings stay tied after from_pretrained"
     assert not any(key.startswith("lm_head") for key in exported["keys"]), "tied: written once"
     weights = [name for name in exported["files"] if name.endswith(".safetensors")]
