@@ -10,13 +10,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from pp_media._core.device import move_vlm_media_to_device
+from pp_media._hf import data_parallel as dp_wrapping
+from pp_media._hf.agreement import agree_on_batches
 from pp_media._hf.batch import StepInputs, prepare_step_inputs
 from pp_media._hf.families import FamilyAdapter, adapter_for
+from pp_media._hf.grad_clip import clip_grad_norm
 from pp_media._hf.loss import TokenSumCrossEntropy
+from pp_media._hf.mesh import ParallelGroups, resolve_groups
 from pp_media._hf.partition import StageLayout, plan_stages
 from pp_media._hf.pruning import prune_to_stage
 from pp_media._hf.stage_module import VLMStage
@@ -59,6 +64,10 @@ class VLMPipeline:
 
     ``stages`` are this rank's stage modules (parameter names are the unsplit model's),
     ``schedule`` the torch schedule running them; ``step(batch)`` runs a whole training step.
+    With data parallelism, ``mesh`` is the 2-D ``DeviceMesh`` (dims ``dp``, ``pp``), ``dp_group``
+    the group of ranks holding the same stages and ``dp_rank`` / ``dp_size`` this replica's
+    place; without it ``mesh`` and ``dp_group`` are None, ``dp_rank`` 0 and ``dp_size`` 1.
+    ``pp_group`` is always this rank's pipeline group.
     """
 
     def __init__(
@@ -72,6 +81,7 @@ class VLMPipeline:
         tied: TiedEmbeddingSync,
         n_microbatches: int,
         device: torch.device,
+        groups: ParallelGroups | None = None,
         *,
         model_class: type | None = None,
         tied_embeddings: bool = False,
@@ -90,6 +100,28 @@ class VLMPipeline:
         #: Whether the input embedding and the LM head are one matrix in the unsplit model.
         self.tied_embeddings = tied_embeddings
         self._microbatch_shape: tuple[int, ...] | None = None
+        self._groups = groups if groups is not None else ParallelGroups(dist.group.WORLD)
+        self._agreement_group: dist.ProcessGroup | None = None
+
+    @property
+    def mesh(self) -> DeviceMesh | None:
+        return self._groups.mesh
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return self._groups.pp_group
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        return self._groups.dp_group
+
+    @property
+    def dp_rank(self) -> int:
+        return self._groups.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self._groups.dp_size
 
     @property
     def has_first_stage(self) -> bool:
@@ -125,11 +157,34 @@ class VLMPipeline:
             )
         return inputs
 
+    def _prepare_replicas(self, batch: Mapping[str, Any]) -> StepInputs:
+        """``prepare``, agreed over the mesh under data parallelism: the label tokens become
+        the global batch's, and a bad batch on any replica raises on every rank."""
+        if self.mesh is None:
+            return self.prepare(batch)
+        if self._agreement_group is None:
+            ranks = list(self._groups.all_ranks)
+            whole = len(ranks) == dist.get_world_size()
+            self._agreement_group = (
+                dist.group.WORLD if whole else dist.new_group(ranks, use_local_synchronization=True)
+            )
+        inputs, label_tokens = agree_on_batches(
+            lambda: self.prepare(batch), self._groups, self._agreement_group, self.device
+        )
+        inputs.label_tokens = label_tokens
+        return inputs
+
     def step(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """Forward and backward of one collated batch on every rank; gradients accumulate
         into this rank's parameters. Returns the batch's loss (Hugging Face's ``labels=``
-        loss) on the rank of the last stage, None elsewhere."""
-        inputs = self.prepare(batch)
+        loss) on the rank of the last stage, None elsewhere.
+
+        With data parallelism ``batch`` is this replica's share of the global batch (every
+        rank of one pipeline passes the same), the loss and the gradients are those of the
+        whole global batch (the mean over all its label tokens), and a batch that fails a check
+        on any replica raises the same ``ValueError`` on every rank before any compute.
+        """
+        inputs = self._prepare_replicas(batch)
         self.loss_fn.label_tokens = inputs.label_tokens
         losses: list[torch.Tensor] | None = [] if self.has_last_stage else None
         kwargs = {name: value.to(self.device) for name, value in inputs.kwargs.items()}
@@ -147,7 +202,44 @@ class VLMPipeline:
         self.tied.sync_grads()
         if losses is None:
             return None
-        return torch.stack([loss.detach() for loss in losses]).sum()
+        loss = torch.stack([loss.detach() for loss in losses]).sum()
+        return dp_wrapping.sum_over_dp(loss, self.dp_group)
+
+    def clip_grad_norm_(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        *,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> torch.Tensor:
+        """Like ``torch.nn.utils.clip_grad_norm_`` on the unsplit model: the norm of every
+        parameter's gradient over all stages and data-parallel shards (a tied embedding counted
+        once), returned on every rank; gradients are scaled by ``max_norm / norm`` when above.
+        Call on every rank of the mesh (of the pipeline without DP) after ``step``."""
+        duplicate = self.tied.duplicate
+        params = self.parameters()
+        counted = [param for param in params if param is not duplicate]
+        return clip_grad_norm(
+            params,
+            counted,
+            max_norm,
+            norm_type,
+            self.pp_group,
+            self.device,
+            error_if_nonfinite=error_if_nonfinite,
+            foreach=foreach,
+        )
+
+    def replica_sampler(
+        self, dataset: Any, *, shuffle: bool = True, seed: int = 0, drop_last: bool = True
+    ) -> Any:
+        """A ``DistributedSampler`` over the data-parallel replicas for a ``DataLoader`` of
+        this replica's share: the same samples on every rank of this pipeline, disjoint ones
+        across replicas (one replica without DP). Call ``set_epoch`` on it every epoch."""
+        return dp_wrapping.replica_sampler(
+            dataset, self.dp_rank, self.dp_size, shuffle=shuffle, seed=seed, drop_last=drop_last
+        )
 
     def save_checkpoint(
         self,
@@ -193,7 +285,7 @@ class VLMPipeline:
             config=self.config,
             adapter=self.adapter,
             tied=self.tied_embeddings,
-            send=getattr(self, "dp_rank", 0) == 0,
+            send=self.dp_rank == 0,
             device=self.device,
             max_shard_size=max_shard_size,
         )
@@ -246,6 +338,10 @@ def build_vlm_pipeline(
     model: nn.Module | str | os.PathLike[str],
     *,
     group: dist.ProcessGroup | None = None,
+    mesh: DeviceMesh | None = None,
+    dp_size: int | None = None,
+    data_parallel: str = "fsdp",
+    mixed_precision: str | torch.dtype | None = None,
     schedule: str = "1F1B",
     n_microbatches: int = 4,
     stages_per_rank: int | None = None,
@@ -264,17 +360,29 @@ def build_vlm_pipeline(
     stages unless ``layers_per_stage`` says otherwise. ``activation_checkpointing`` recomputes
     each decoder layer's activations in backward instead of keeping them (names unchanged).
     Call on every rank of ``group``.
+
+    Data parallel x pipeline: ``mesh`` (a 2-D ``DeviceMesh`` with dims ``dp`` and ``pp``) or
+    ``dp_size`` (the mesh ``(dp_size, world // dp_size)`` over the whole world, pipelines on
+    consecutive ranks) runs one pipeline per ``dp`` index, each on its own share of the global
+    batch. ``data_parallel`` is ``"fsdp"`` (FSDP2 ``fully_shard`` over ``dp``: each rank keeps a
+    shard of its stages' parameters, gradients and optimizer state) or ``"replicate"`` (whole
+    parameters on every dp rank, gradients all-reduced); ``mixed_precision="bf16"`` computes in
+    bfloat16 with fp32 parameters and fp32 gradient reduction. Call on every rank of the mesh.
+    A model instance's modules are reused by the stages (moved, and wrapped for DP).
     """
     if not dist.is_initialized():
         raise RuntimeError(
             "pp_media: build_vlm_pipeline needs an initialised process group "
             "(torch.distributed.init_process_group), one process per pipeline rank."
         )
-    group = group if group is not None else dist.group.WORLD
+    target_device = torch.device(device) if device is not None else _default_device()
+    dp_wrapping.check_mode(data_parallel)
+    groups = resolve_groups(group=group, mesh=mesh, dp_size=dp_size, device=target_device)
+    mp_policy = dp_wrapping.mixed_precision_policy(mixed_precision, groups.mesh is not None)
+    group = groups.pp_group
     pp_size = dist.get_world_size(group)
     pp_rank = dist.get_rank(group)
     global_ranks = dist.get_process_group_ranks(group)
-    target_device = torch.device(device) if device is not None else _default_device()
 
     source, checkpoint = _load_model_source(model, dtype)
     config = source.config
@@ -316,12 +424,23 @@ def build_vlm_pipeline(
 
         checkpoint_decoder_layers(stages, adapter)
 
-    tied_sync = TiedEmbeddingSync.create(
-        tied,
-        _local_tied_weight(stages, adapter),
-        global_ranks[layout.rank_of(0)],
-        global_ranks[layout.rank_of(last)],
-    )
+    both_ends_here = layout.rank_of(0) == layout.rank_of(last) == pp_rank
+    if groups.dp_mesh is not None:
+        if tied and both_ends_here:
+            dp_wrapping.untie_local_head(next(s for s in stages if s.is_last), adapter)
+        dp_wrapping.wrap_stages(stages, adapter, groups.dp_mesh, data_parallel, mp_policy)
+    if tied and both_ends_here and groups.dp_mesh is not None:
+        tied_sync = TiedEmbeddingSync.on_one_rank(
+            _local_tied_weight(stages, adapter),
+            next(s for s in stages if s.is_last).get_submodule(adapter.head_path).weight,
+        )
+    else:
+        tied_sync = TiedEmbeddingSync.create(
+            tied,
+            _local_tied_weight(stages, adapter),
+            global_ranks[layout.rank_of(0)],
+            global_ranks[layout.rank_of(last)],
+        )
     loss_fn = TokenSumCrossEntropy()
     torch_schedule = _torch_schedule(layout, stages, group, target_device, n_microbatches, loss_fn)
     return VLMPipeline(
@@ -334,6 +453,7 @@ def build_vlm_pipeline(
         tied_sync,
         n_microbatches,
         target_device,
+        groups,
         model_class=type(source),
         tied_embeddings=tied,
     )

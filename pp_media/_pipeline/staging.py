@@ -203,12 +203,17 @@ def _shape_inference_pending(schedule: Any) -> bool:
 def _has_static_shapes(stage: Any) -> bool:
     """Whether ``stage`` knows its output shapes without running a forward.
 
-    True when outputs meta was configured analytically (``_outputs_meta``, older torch) or
-    static ``_user_meta`` holds inputs and outputs (torch >= 2.13 ``input_args``/``output_args``).
+    True when outputs meta was configured analytically (``_outputs_meta``, older torch), when
+    the stage has the seed's analytical-metadata API (``_configure_outputs_meta``, through which
+    its pipeline sets the output shapes instead of running a forward), or static ``_user_meta``
+    holds inputs and outputs (torch >= 2.13 ``input_args``/``output_args``). Only duck-typed
+    stages get here: a visible torch stage is routed by its microbatch index instead.
     """
     if stage is None:
         return False
     if getattr(stage, "_outputs_meta", None) is not None:
+        return True
+    if callable(getattr(stage, "_configure_outputs_meta", None)):
         return True
     meta = getattr(stage, "_user_meta", None)
     return getattr(meta, "inputs", None) is not None and getattr(meta, "outputs", None) is not None
@@ -316,7 +321,8 @@ def stage_vlm_media_for_pp(
     optionally ``pp.info.schedule`` / ``pp.info.stages``). With a visible torch stage,
     ``_vlm_chunk_idx`` is the engine's microbatch index at the start of every stage-0 forward.
     Without one it starts at 0, is reset after a pending shape-inference forward (not when
-    stage 0 has static output metadata, so no such forward runs), and is otherwise left to
+    stage 0 has static output metadata, ``_outputs_meta``, a complete ``_user_meta`` or the
+    seed's ``_configure_outputs_meta``, so no such forward runs), and is otherwise left to
     the model code, as in the seed.
     """
     return MediaStaging(pp, model_parts, batch)
