@@ -14,8 +14,29 @@ from collections.abc import Sequence
 
 from torch import nn
 from torch.distributed._composable import checkpoint
+from torch.distributed.pipelining.schedules import (
+    ScheduleDualPipeV,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
 
 from pp_media._hf.families.base import FamilyAdapter
+
+#: Schedules whose backward runs in two passes over the same graph (input gradients, later
+#: weight gradients): the second pass would recompute each layer again, and the composable
+#: checkpoint's recompute context can be entered only once (torch 2.13 raises AttributeError).
+_TWO_PASS_BACKWARD = (ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble, ScheduleDualPipeV)
+
+
+def check_schedule(schedule_class: type) -> None:
+    """Refuse activation checkpointing under the zero-bubble schedules, before building."""
+    if issubclass(schedule_class, _TWO_PASS_BACKWARD):
+        raise ValueError(
+            f"pp_media: activation_checkpointing=True does not work with schedule "
+            f"{schedule_class.__name__}: its backward runs in two passes (input, then weight "
+            "gradients) and torch's checkpoint recomputes a layer only once. Use GPipe, 1F1B, "
+            "Interleaved1F1B or LoopedBFS, or build without activation_checkpointing."
+        )
 
 
 def decoder_layers(stage: nn.Module, adapter: FamilyAdapter) -> list[nn.Module]:

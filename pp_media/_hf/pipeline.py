@@ -389,6 +389,10 @@ def build_vlm_pipeline(
     adapter = adapter_for(config)
     n_layers = len(source.get_submodule(adapter.text_model_path).layers)
     layout = plan_stages(schedule, pp_size, n_layers, stages_per_rank, layers_per_stage)
+    if activation_checkpointing:
+        from pp_media._hf.activation import check_schedule
+
+        check_schedule(layout.schedule_class)
     tied = _is_tied(source, adapter)
 
     last = layout.n_stages - 1
