@@ -4,12 +4,19 @@ Run one process per pipeline rank with torchrun (gloo on the CPU here; NCCL on G
 
     torchrun --nproc-per-node 2 examples/train_hf_pipeline.py
 
+or data parallel x pipeline, two replicas of a 2-rank pipeline (FSDP over the replicas):
+
+    torchrun --nproc-per-node 4 examples/train_hf_pipeline.py --dp-size 2
+
 Rank 0 saves a tiny random Qwen2-VL checkpoint (a stand-in for a real one), every rank loads
 only its own stage's tensors from it, and each step's batch is what a Qwen2-VL collate
 function returns: the real image processor's ``pixel_values`` and ``image_grid_thw``, token ids
 with the image placeholders expanded, labels and an attention mask, padded to a fixed length.
+A ``DataLoader`` with ``pipe.replica_sampler`` gives every rank of one pipeline the same
+samples and each replica its own share; the gradients are clipped by the whole model's norm.
 """
 
+import argparse
 import os
 import tempfile
 
@@ -40,20 +47,25 @@ def tiny_checkpoint(path: str) -> None:
     transformers.Qwen2VLForConditionalGeneration(config).save_pretrained(path)
 
 
-def collate(step: int) -> dict[str, torch.Tensor]:
-    """Sample i has i % 3 images of 56x56 pixels (4 placeholder tokens each)."""
-    generator = torch.Generator().manual_seed(step)
-    images, rows = [], []
-    for i in range(BATCH):
-        row = torch.randint(10, 900, (4,), generator=generator).tolist()
-        for _ in range(i % 3):
-            pixels = torch.randint(0, 256, (56, 56, 3), generator=generator, dtype=torch.uint8)
-            images.append(Image.fromarray(pixels.numpy()))
-            row += [START, IMAGE, IMAGE, IMAGE, IMAGE, END]
-        rows.append(row + torch.randint(10, 900, (8,), generator=generator).tolist())
+def sample(index: int) -> tuple[list[Image.Image], list[int]]:
+    """Sample ``index``: ``index % 3`` images of 56x56 pixels (4 placeholder tokens each)."""
+    generator = torch.Generator().manual_seed(index)
+    images = []
+    row = torch.randint(10, 900, (4,), generator=generator).tolist()
+    for _ in range(index % 3):
+        pixels = torch.randint(0, 256, (56, 56, 3), generator=generator, dtype=torch.uint8)
+        images.append(Image.fromarray(pixels.numpy()))
+        row += [START, IMAGE, IMAGE, IMAGE, IMAGE, END]
+    return images, row + torch.randint(10, 900, (8,), generator=generator).tolist()
+
+
+def collate(samples: list[tuple[list[Image.Image], list[int]]]) -> dict[str, torch.Tensor]:
+    """A Qwen2-VL collate function: the image processor, then padded token rows."""
+    images = [image for sample_images, _ in samples for image in sample_images]
+    rows = [row for _, row in samples]
     processor = transformers.Qwen2VLImageProcessorPil()
     batch = dict(processor(images=images, return_tensors="pt"))
-    input_ids = torch.zeros(BATCH, SEQ_LEN, dtype=torch.long)
+    input_ids = torch.zeros(len(rows), SEQ_LEN, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for i, row in enumerate(rows):
         input_ids[i, : len(row)] = torch.tensor(row)
@@ -64,6 +76,9 @@ def collate(step: int) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dp-size", type=int, default=1, help="data-parallel replicas")
+    dp_size = parser.parse_args().dp_size
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     torch.set_num_threads(1)
     checkpoint = os.path.join(
@@ -74,14 +89,22 @@ def main() -> None:
     dist.barrier()
 
     pipe = pp_media.build_vlm_pipeline(
-        checkpoint, schedule="Interleaved1F1B", n_microbatches=MICROBATCHES
+        checkpoint,
+        schedule="Interleaved1F1B",
+        n_microbatches=MICROBATCHES,
+        dp_size=dp_size if dp_size > 1 else None,  # None: one pipeline over every rank
+    )
+    dataset = [sample(index) for index in range(3 * BATCH * dp_size)]
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=BATCH, sampler=pipe.replica_sampler(dataset), collate_fn=collate
     )
     optimizer = torch.optim.AdamW(pipe.parameters(), lr=1e-3)
-    for step in range(3):
-        loss = pipe.step(collate(step))  # forward and backward on every rank
+    for step, batch in enumerate(loader):  # this replica's share of each global batch
+        loss = pipe.step(batch)  # forward and backward on every rank
+        pipe.clip_grad_norm_(1.0)  # the norm over all stages and replicas
         optimizer.step()
         optimizer.zero_grad()
-        if loss is not None:  # the rank that runs the last stage
+        if loss is not None and pipe.dp_rank == 0:  # the global batch's loss, last stage
             print(f"step {step}: loss {loss.item():.4f}")
     stages = [f"stage {stage.stage_index}" for stage in pipe.stages]
     print(f"rank {dist.get_rank()} ran {', '.join(stages)}")

@@ -39,10 +39,10 @@ Qwen2-VL 1F1B FSDP, 3 steps        4.8e-7     4.8e-8     6.0e-8      3.1e-7     
 Qwen2-VL Interleaved1F1B FSDP      4.8e-7     7.6e-8     1.2e-7
 PaliGemma tied 1F1B FSDP           0          4.4e-8     8.0e-8      4.0e-6      1.3e-7
 PaliGemma tied ZBVZeroBubble FSDP  0          4.4e-8     8.0e-8      4.0e-6      1.3e-7
-Qwen2-VL 1F1B replicate           9.5e-7     2.2e-8     7.5e-9      7.8e-8      1.1e-8
+Qwen2-VL 1F1B replicate           4.8e-7     2.2e-8     7.5e-9      7.8e-8      1.1e-8
 PaliGemma tied, PP=4 without DP    0          1.1e-8     3.0e-8      1.0e-7      7.5e-9
 swapped media (must fail)          1.2e-3     4.1e-2     2.0e-2
-bf16, 3 steps                      2.1e-4                4.9e-4
+bf16, 3 steps                      2.1e-4                4.1e-4
 =================================  =========  =========  ==========  ==========  ============
 """
 

@@ -1,9 +1,12 @@
 """``pp-media demo``: pipelined training beside a single-process reference, step by step.
 
-Locally it starts one process per pipeline rank (gloo on the CPU, NCCL on GPUs); under
-``torchrun`` each process is one rank. Both runs load the same checkpoint directory (a tiny
-random model saved for the run, or the user's), see the same synthetic batches and use the
-same optimizer, so their losses may differ only by floating-point summation order.
+Locally it starts one process per rank (gloo on the CPU, NCCL on GPUs): ``--pp-size`` ranks
+per pipeline, times ``--dp-size`` data-parallel replicas; under ``torchrun`` each process is one
+rank. Both runs load the same checkpoint directory (a tiny random model saved for the run, or
+the user's), see the same synthetic batches and use the same optimizer, so their losses may
+differ only by floating-point summation order. With data parallelism each replica draws its own
+share of the global batch, and the reference runs the shares one after another, each loss
+weighted by its share of the label tokens: the mean over every label token of the global batch.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pp_media._hf.loss import count_label_tokens
 from pp_media._hf.partition import SCHEDULE_NAMES, plan_stages
 
 #: Per-step loss tolerance. fp32: the pipelined run sums token losses per microbatch and
@@ -36,6 +40,10 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 5e-2, "float16": 2e-2}
 #: against one batch of 6 can take other matmul paths): ulps of logits of magnitude ~5 in fp32,
 #: and up to a few low-precision ulps otherwise.
 EXPORT_TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-1, "float16": 2e-2}
+
+
+#: Samples per step and replica when ``--batch-size`` is not given.
+DEFAULT_BATCH_PER_REPLICA = 6
 
 
 class DemoError(ValueError):
@@ -63,17 +71,29 @@ class DemoPlan:
     videos: bool
     #: ``--save DIR``: where to export the trained model (None: no export).
     save: str | None = None
+    #: Data-parallel replicas, each a pipeline of ``pp_size`` ranks on its share of the batch.
+    dp_size: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_size * self.pp_size
 
 
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _batch(config: Any, plan: DemoPlan, step: int) -> dict[str, torch.Tensor]:
+def _batch(config: Any, plan: DemoPlan, step: int, replica: int = 0) -> dict[str, torch.Tensor]:
+    """Replica ``replica``'s share of step ``step``'s global batch (the whole batch without
+    data parallelism)."""
     from pp_media._cli.synthetic import synthetic_batch
 
     return synthetic_batch(
-        config, plan.batch_size, plan.seq_len, seed=plan.seed * 100_003 + step, videos=plan.videos
+        config,
+        plan.batch_size // plan.dp_size,
+        plan.seq_len,
+        seed=plan.seed * 100_003 + step + 1_000_003 * replica,
+        videos=plan.videos,
     )
 
 
@@ -93,17 +113,25 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
         )
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         raise DemoError(f"unknown device {args.device!r}; choose cpu or cuda")
-    if args.device.startswith("cuda") and torch.cuda.device_count() < (
-        1 if _torchrun() else args.pp_size
-    ):
+    dp_size = getattr(args, "dp_size", 1)
+    world = dp_size * args.pp_size
+    if args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH_PER_REPLICA * dp_size
+    if args.device.startswith("cuda") and torch.cuda.device_count() < (1 if _torchrun() else world):
         raise DemoError(
-            f"--device cuda with --pp-size {args.pp_size} needs {args.pp_size} GPUs; "
-            f"{torch.cuda.device_count()} visible"
+            f"--device cuda with --dp-size {dp_size} x --pp-size {args.pp_size} needs {world} "
+            f"GPUs; {torch.cuda.device_count()} visible"
         )
-    if args.batch_size < args.microbatches:
+    if args.batch_size % dp_size:
         raise DemoError(
-            f"--batch-size {args.batch_size} is smaller than --microbatches {args.microbatches}; "
-            "every microbatch needs at least one sample"
+            f"--batch-size {args.batch_size} is not divisible by --dp-size {dp_size}; every "
+            "replica gets an equal share of the global batch"
+        )
+    if args.batch_size // dp_size < args.microbatches:
+        share = "" if dp_size == 1 else f"'s share per replica ({args.batch_size // dp_size})"
+        raise DemoError(
+            f"--batch-size {args.batch_size}{share} is smaller than --microbatches "
+            f"{args.microbatches}; every microbatch needs at least one sample"
         )
     model_dir = Path(args.model)
     if model_dir.is_dir():
@@ -165,6 +193,7 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
         lr=args.lr,
         videos=args.videos,
         save=None if save is None else str(Path(save).resolve()),
+        dp_size=dp_size,
     )
 
 
@@ -182,12 +211,21 @@ def reference_losses(plan: DemoPlan) -> list[float]:
     optimizer = _optimizer(model.parameters(), plan)
     losses = []
     for step in tqdm(range(plan.steps), desc="reference", unit="step", file=sys.stderr):
-        batch = {k: v.to(device) for k, v in _batch(model.config, plan, step).items()}
-        loss = model(**batch).loss
-        loss.backward()
+        shares = [
+            {k: v.to(device) for k, v in _batch(model.config, plan, step, replica).items()}
+            for replica in range(plan.dp_size)
+        ]
+        tokens = [count_label_tokens(share["labels"]) for share in shares]
+        loss_sum = 0.0
+        for share, share_tokens in zip(shares, tokens, strict=True):
+            loss = model(**share).loss
+            if plan.dp_size > 1:  # mean over the global batch: weight by the share's tokens
+                loss = loss * (share_tokens / max(sum(tokens), 1))
+            loss.backward()
+            loss_sum += loss.item()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(loss.item())
+        losses.append(loss_sum)
     return losses
 
 
@@ -210,6 +248,8 @@ def pipeline_rank(plan: DemoPlan, out_dir: str | None) -> dict[str, Any]:
         "device": device,
         "dtype": _dtype(plan.dtype),
     }
+    if plan.dp_size > 1:
+        options["dp_size"] = plan.dp_size
     try:
         pipe = build_vlm_pipeline(plan.checkpoint, **options)
     except NotImplementedError as error:
@@ -226,11 +266,11 @@ def pipeline_rank(plan: DemoPlan, out_dir: str | None) -> dict[str, Any]:
         del model  # the stages keep their own parts only
     optimizer = _optimizer(pipe.parameters(), plan)
     steps = range(plan.steps)
-    if pipe.has_last_stage:
+    if pipe.has_last_stage and pipe.dp_rank == 0:
         steps = tqdm(steps, desc=f"pipeline ({plan.schedule})", unit="step", file=sys.stderr)
     losses = []
     for step in steps:
-        loss = pipe.step(_batch(pipe.config, plan, step))
+        loss = pipe.step(_batch(pipe.config, plan, step, pipe.dp_rank))
         optimizer.step()
         optimizer.zero_grad()
         if loss is not None:
@@ -238,9 +278,10 @@ def pipeline_rank(plan: DemoPlan, out_dir: str | None) -> dict[str, Any]:
     exported = _export(pipe, plan) if plan.save is not None else None
     result = {
         "rank": rank,
+        "dp_rank": pipe.dp_rank,
         "stages": [stage.stage_index for stage in pipe.stages],
         "layers": [list(stage.layer_indices) for stage in pipe.stages],
-        "parameter_bytes": sum(p.numel() * p.element_size() for p in pipe.parameters()),
+        "parameter_bytes": sum(_local_bytes(p) for p in pipe.parameters()),
         "losses": losses if pipe.has_last_stage else None,
         "export": exported,
     }
@@ -250,15 +291,16 @@ def pipeline_rank(plan: DemoPlan, out_dir: str | None) -> dict[str, Any]:
 
 
 def _export(pipe: Any, plan: DemoPlan) -> dict[str, Any] | None:
-    """``pipe.save_pretrained(plan.save)``, then, on the last stage's rank, the logits of the
-    model transformers reloads from there against the pipeline's on a batch not trained on."""
+    """``pipe.save_pretrained(plan.save)``, then, on each replica's last-stage rank, the logits
+    of the model transformers reloads from there against the pipeline's on a batch not trained
+    on (the replica's share of one more step)."""
     import transformers
 
     from pp_media._hf.forward import forward_logits
 
     assert plan.save is not None
     pipe.save_pretrained(plan.save)
-    batch = _batch(pipe.config, plan, plan.steps)
+    batch = _batch(pipe.config, plan, plan.steps, pipe.dp_rank)
     logits = forward_logits(pipe, batch)
     if logits is None:
         return None
@@ -275,12 +317,20 @@ def _export(pipe: Any, plan: DemoPlan) -> dict[str, Any] | None:
     }
 
 
+def _local_bytes(param: torch.Tensor) -> int:
+    """Bytes of ``param`` this rank holds: its shard under FSDP."""
+    from torch.distributed.tensor import DTensor
+
+    local = param.to_local() if isinstance(param, DTensor) else param
+    return local.numel() * local.element_size()
+
+
 def _worker(local_rank: int, port: int, plan: DemoPlan, out_dir: str) -> None:
     _quiet_transformers()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     backend = "nccl" if plan.device.startswith("cuda") else "gloo"
     dist.init_process_group(
-        backend, rank=local_rank, world_size=plan.pp_size, timeout=timedelta(minutes=5)
+        backend, rank=local_rank, world_size=plan.world_size, timeout=timedelta(minutes=5)
     )
     try:
         torch.set_num_threads(_threads_per_process(plan))
@@ -292,7 +342,7 @@ def _worker(local_rank: int, port: int, plan: DemoPlan, out_dir: str) -> None:
 def _threads_per_process(plan: DemoPlan) -> int:
     """CPU threads per process: the cores shared out over the ranks (oversubscribed OpenMP
     threads spin against each other; on 2 cores that made a tiny model's step 30x slower)."""
-    return max(1, (os.cpu_count() or 1) // plan.pp_size)
+    return max(1, (os.cpu_count() or 1) // plan.world_size)
 
 
 def _free_port() -> int:
@@ -323,8 +373,9 @@ def report(plan: DemoPlan, reference: list[float], ranks: list[dict[str, Any]]) 
             for stage, held in zip(result["stages"], result["layers"], strict=True)
         )
         share = result["parameter_bytes"]
+        replica = f"replica {result['dp_rank']}, " if plan.dp_size > 1 else ""
         print(
-            f"rank {result['rank']}: {layers}; {share / 1e6:.2f} MB of the model's "
+            f"rank {result['rank']}: {replica}{layers}; {share / 1e6:.2f} MB of the model's "
             f"{total / 1e6:.2f} MB parameters"
         )
     pipelined = next(r["losses"] for r in ranks if r["losses"] is not None)
@@ -339,13 +390,14 @@ def report(plan: DemoPlan, reference: list[float], ranks: list[dict[str, Any]]) 
     verdict = "PASS" if worst <= tolerance and len(pipelined) == plan.steps else "FAIL"
     print()
     print(
-        f"{verdict}: {plan.model_label}, {plan.schedule}, {plan.pp_size} ranks, "
+        f"{verdict}: {plan.model_label}, {plan.schedule}, {_verdict_ranks(plan)}, "
         f"{plan.microbatches} microbatches, {plan.steps} steps: max |loss difference| "
         f"{worst:.3e}, tolerance {tolerance:.0e} ({plan.dtype})"
     )
     passed = verdict == "PASS"
     if plan.save is not None:
-        exported = next((r["export"] for r in ranks if r.get("export")), None)
+        reports = [r["export"] for r in ranks if r.get("export")]  # one per replica
+        exported = max(reports, key=lambda r: r["logits_diff"], default=None)
         passed = _report_export(plan, exported) == "PASS" and passed
     return 0 if passed else 1
 
@@ -363,6 +415,25 @@ def _report_export(plan: DemoPlan, exported: dict[str, Any] | None) -> str:
         f"(logits up to {exported['logits_scale']:.2f}), tolerance {tolerance:.0e} ({plan.dtype})"
     )
     return verdict
+
+
+def _ranks(plan: DemoPlan) -> str:
+    if plan.dp_size == 1:
+        return f"{plan.pp_size} pipeline ranks"
+    return f"{plan.dp_size} data-parallel x {plan.pp_size} pipeline ranks"
+
+
+def _verdict_ranks(plan: DemoPlan) -> str:
+    if plan.dp_size == 1:
+        return f"{plan.pp_size} ranks"
+    return f"{plan.dp_size} x {plan.pp_size} ranks (DP x PP)"
+
+
+def _batch_words(plan: DemoPlan) -> str:
+    if plan.dp_size == 1:
+        return f"{plan.batch_size}-sample batch"
+    share = plan.batch_size // plan.dp_size
+    return f"{share}-sample share of a {plan.batch_size}-sample global batch"
 
 
 def _quiet_transformers() -> None:
@@ -388,9 +459,9 @@ def run_demo(args: argparse.Namespace) -> int:
                 print(f"pp-media demo: error: {error}", file=sys.stderr)
                 return 2
         print(
-            f"pp-media demo: {plan.model_label}, schedule {plan.schedule}, {plan.pp_size} "
-            f"pipeline ranks, {plan.microbatches} microbatches of a {plan.batch_size}-sample "
-            f"batch, {plan.steps} steps, {plan.device}, {plan.dtype}"
+            f"pp-media demo: {plan.model_label}, schedule {plan.schedule}, {_ranks(plan)}, "
+            f"{plan.microbatches} microbatches of a {_batch_words(plan)}, {plan.steps} steps, "
+            f"{plan.device}, {plan.dtype}"
         )
         reference = reference_losses(plan)
         out_dir = Path(workdir, "results")
@@ -398,7 +469,7 @@ def run_demo(args: argparse.Namespace) -> int:
         torch.multiprocessing.start_processes(
             _worker,
             args=(_free_port(), plan, str(out_dir)),
-            nprocs=plan.pp_size,
+            nprocs=plan.world_size,
             start_method="spawn",
         )
         ranks = [json.loads(path.read_text()) for path in sorted(out_dir.glob("rank*.json"))]
@@ -412,10 +483,11 @@ def _run_under_torchrun(plan: DemoPlan) -> int:
     backend = "nccl" if plan.device.startswith("cuda") else "gloo"
     dist.init_process_group(backend)
     try:
-        if dist.get_world_size() != plan.pp_size:
+        if dist.get_world_size() != plan.world_size:
             raise DemoError(
-                f"torchrun started {dist.get_world_size()} processes but --pp-size is "
-                f"{plan.pp_size}; pass --pp-size {dist.get_world_size()}"
+                f"torchrun started {dist.get_world_size()} processes but --dp-size "
+                f"{plan.dp_size} x --pp-size {plan.pp_size} is {plan.world_size}; pass sizes "
+                f"whose product is {dist.get_world_size()}"
             )
         result = pipeline_rank(plan, None)
         gathered: list[Any] = [None] * dist.get_world_size()

@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--pp-size", type=_positive, default=2, help="pipeline ranks (default 2)")
     demo.add_argument(
+        "--dp-size",
+        type=_positive,
+        default=1,
+        help="data-parallel replicas, each a pipeline of --pp-size ranks on its share of the "
+        "batch, FSDP-sharded over the replicas (default 1)",
+    )
+    demo.add_argument(
         "--virtual-stages",
         type=_positive,
         default=None,
@@ -72,7 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--steps", type=_positive, default=20, help="optimizer steps (default 20)")
     demo.add_argument(
-        "--batch-size", type=_positive, default=6, help="samples per step (default 6)"
+        "--batch-size",
+        type=_positive,
+        default=None,
+        help="samples per step, over all replicas (default 6 per replica)",
     )
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     demo.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32")
