@@ -46,7 +46,7 @@ AC_SCHEDULES = ("1F1B", "Interleaved1F1B")
 
 
 def _config(model_type: str = "qwen2_vl", tied: bool = True) -> Any:
-    from pp_media._cli.tiny_models import tiny_config
+    from pp_media.testing import tiny_config
 
     return tiny_config(model_type, tie_word_embeddings=tied)
 
@@ -61,7 +61,7 @@ def _model(config: Any, seed: int) -> Any:
 
 
 def _batch(config: Any, seed: int) -> dict[str, torch.Tensor]:
-    from pp_media._cli.synthetic import default_seq_len, synthetic_batch
+    from pp_media.testing import default_seq_len, synthetic_batch
 
     return synthetic_batch(config, BATCH_SIZE, default_seq_len(config), seed=seed)
 

@@ -98,7 +98,7 @@ def cases() -> list[Case]:
 
 
 def replica_batch(config: Any, seed: int) -> dict[str, torch.Tensor]:
-    from pp_media._cli.synthetic import default_seq_len, synthetic_batch
+    from pp_media.testing import default_seq_len, synthetic_batch
 
     return synthetic_batch(config, REPLICA_BATCH, default_seq_len(config), seed=seed)
 
@@ -182,8 +182,8 @@ def new_model(config: Any) -> Any:
 def run_case(rank: int, case: Case) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from pp_media._cli.tiny_models import tiny_config
     from pp_media._hf.pipeline import build_vlm_pipeline
+    from pp_media.testing import tiny_config
 
     config = tiny_config(case.model_type, tie_word_embeddings=case.tied)
     source = new_model(config)
@@ -263,8 +263,8 @@ def run_case(rank: int, case: Case) -> dict[str, Any]:
 
 def sampler_case(rank: int) -> dict[str, Any]:
     """What each rank's DataLoader yields through ``pipe.replica_sampler`` in two epochs."""
-    from pp_media._cli.tiny_models import tiny_config
     from pp_media._hf.pipeline import build_vlm_pipeline
+    from pp_media.testing import tiny_config
 
     pipe = build_vlm_pipeline(
         new_model(tiny_config("qwen2_vl")), dp_size=DP_SIZE, n_microbatches=N_MICROBATCHES
@@ -281,8 +281,8 @@ def sampler_case(rank: int) -> dict[str, Any]:
 
 def bad_batch_case(rank: int) -> dict[str, Any]:
     """Replica 1's batch has one placeholder token too many: every rank must raise."""
-    from pp_media._cli.tiny_models import tiny_config
     from pp_media._hf.pipeline import build_vlm_pipeline
+    from pp_media.testing import tiny_config
 
     config = tiny_config("qwen2_vl")
     pipe = build_vlm_pipeline(new_model(config), dp_size=DP_SIZE, n_microbatches=N_MICROBATCHES)
@@ -301,8 +301,8 @@ def bad_batch_case(rank: int) -> dict[str, Any]:
 
 def mismatched_pipeline_case(rank: int) -> dict[str, Any]:
     """Rank 3 collates another batch than rank 2 of the same pipeline: every rank must raise."""
-    from pp_media._cli.tiny_models import tiny_config
     from pp_media._hf.pipeline import build_vlm_pipeline
+    from pp_media.testing import tiny_config
 
     config = tiny_config("qwen2_vl")
     pipe = build_vlm_pipeline(new_model(config), dp_size=DP_SIZE, n_microbatches=N_MICROBATCHES)
@@ -318,8 +318,8 @@ def option_errors_case(rank: int) -> dict[str, Any]:
     """The messages of option combinations ``build_vlm_pipeline`` refuses."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from pp_media._cli.tiny_models import tiny_config
     from pp_media._hf.pipeline import build_vlm_pipeline
+    from pp_media.testing import tiny_config
 
     model = new_model(tiny_config("qwen2_vl"))
     flat = init_device_mesh("cpu", (WORLD_SIZE,), mesh_dim_names=("dp",))

@@ -86,7 +86,7 @@ def _dtype(name: str) -> torch.dtype:
 def _batch(config: Any, plan: DemoPlan, step: int, replica: int = 0) -> dict[str, torch.Tensor]:
     """Replica ``replica``'s share of step ``step``'s global batch (the whole batch without
     data parallelism)."""
-    from pp_media._cli.synthetic import synthetic_batch
+    from pp_media.testing import synthetic_batch
 
     return synthetic_batch(
         config,
@@ -103,9 +103,14 @@ def _optimizer(params: Any, plan: DemoPlan) -> torch.optim.Optimizer:
 
 def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
     """Validate the options and make the checkpoint the runs load; one-line errors."""
-    from pp_media._cli.synthetic import builds_videos, default_seq_len
-    from pp_media._cli.tiny_models import tiny_config, tiny_model_types
     from pp_media._hf.families import adapter_for
+    from pp_media.testing import (
+        builds_videos,
+        default_seq_len,
+        fixture_for,
+        tiny_config,
+        tiny_model_types,
+    )
 
     if args.schedule.lower() not in {name.lower() for name in SCHEDULE_NAMES}:
         raise DemoError(
@@ -162,7 +167,7 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
             f"--videos: the demo builds flat video patches with video_grid_thw, which "
             f"{config.model_type} does not take"
         )
-    if args.videos and not adapter.mixes_images_and_videos:
+    if args.videos and not fixture_for(config.model_type).mixes_images_and_videos:
         raise DemoError(
             f"--videos: {config.model_type} cannot take images and videos in one forward "
             "(a limit of the unsplit model in transformers), and the demo's batches mix them"

@@ -24,7 +24,7 @@ from pp_media._keys import VLM_PP_MEDIA_KEY
 
 #: Per-sample text fields a step passes to the stages (plus the family's ``stage_fields``);
 #: other batch keys are not model inputs.
-TEXT_FIELDS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
+TEXT_FIELDS = ("input_ids", "attention_mask", "labels")
 
 
 @dataclass
@@ -182,15 +182,9 @@ def prepare_step_inputs(
     media = adapter.stage_media(config, media)
     check_placeholders(input_ids, media, adapter, config, n_microbatches)
 
-    if adapter.needs_mm_token_type_ids and has_media and work.get("mm_token_type_ids") is None:
-        work["mm_token_type_ids"] = adapter.token_type_ids(config, input_ids)
-    fields = (*TEXT_FIELDS, *adapter.stage_fields)
-    text = {name: work[name] for name in fields if work.get(name) is not None}
-    if not has_media:
-        # The unsplit model computes M-RoPE positions only for batches with media.
-        text.pop("mm_token_type_ids", None)
+    text = {name: work[name] for name in TEXT_FIELDS if work.get(name) is not None}
+    text.update(adapter.step_fields(config, work, has_media))
     label_tokens = count_label_tokens(text["labels"])
-    pad_to_even_microbatches(text, batch_size, n_microbatches, keys=fields)
-    step_fields = ("attention_mask", "mm_token_type_ids", *adapter.stage_fields)
-    kwargs = {name: text[name] for name in step_fields if name in text}
+    pad_to_even_microbatches(text, batch_size, n_microbatches, keys=tuple(text))
+    kwargs = {name: value for name, value in text.items() if name not in ("input_ids", "labels")}
     return StepInputs(text["input_ids"], text["labels"], label_tokens, media, kwargs)

@@ -9,11 +9,13 @@ from typing import Any
 import torch
 
 from pp_media._hf.families.base import IMAGES, FamilyAdapter, MediaKind
+from pp_media._hf.families.registry import family
 
 #: InternVL's tiles per image travel to the core as a ``[tiles, 1]`` grid: rows per item.
 TILE_GRID = "image_grid_hws"
 
 
+@family
 class InternVLAdapter(FamilyAdapter):
     """Every tile gives ``(image_size // patch_size)**2 * downsample_ratio**2`` placeholders;
     several images per sample, each with its own tile count."""
