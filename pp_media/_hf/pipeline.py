@@ -17,12 +17,13 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from pp_media._core.device import move_vlm_media_to_device
 from pp_media._hf import data_parallel as dp_wrapping
 from pp_media._hf.agreement import agree_on_batches
+from pp_media._hf.auto_split import choose_layout
 from pp_media._hf.batch import StepInputs, prepare_step_inputs
 from pp_media._hf.families import FamilyAdapter, adapter_for
 from pp_media._hf.grad_clip import clip_grad_norm
 from pp_media._hf.loss import TokenSumCrossEntropy
 from pp_media._hf.mesh import ParallelGroups, resolve_groups
-from pp_media._hf.partition import StageLayout, plan_stages
+from pp_media._hf.partition import StageLayout
 from pp_media._hf.pruning import prune_to_stage
 from pp_media._hf.stage_module import VLMStage
 from pp_media._hf.tied import TiedEmbeddingSync, unique_parameters
@@ -345,10 +346,11 @@ def build_vlm_pipeline(
     schedule: str = "1F1B",
     n_microbatches: int = 4,
     stages_per_rank: int | None = None,
-    layers_per_stage: Sequence[int] | None = None,
+    layers_per_stage: Sequence[int] | str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     activation_checkpointing: bool = False,
+    sample_batch: Mapping[str, Any] | None = None,
 ) -> VLMPipeline:
     """Split a Hugging Face ``*ForConditionalGeneration`` VLM into pipeline stages.
 
@@ -357,9 +359,14 @@ def build_vlm_pipeline(
     its own stages' tensors. ``group`` is the pipeline process group (default: the whole
     world). ``schedule`` is one of torch's schedule names; ``stages_per_rank`` defaults to 1
     (GPipe, 1F1B) or 2 (interleaved and V schedules); decoder layers are balanced over the
-    stages unless ``layers_per_stage`` says otherwise. ``activation_checkpointing`` recomputes
-    each decoder layer's activations in backward instead of keeping them (names unchanged).
-    Call on every rank of ``group``.
+    stages unless ``layers_per_stage`` says otherwise: per-stage counts (``[1, 3]`` or
+    ``"1,3"``), or ``"auto"``, which picks the counts minimising the slowest rank's cost
+    (stage 0 may get none), from costs measured on ``sample_batch`` (a collated batch like
+    the ones ``step`` will get; measured by the group's rank 0 on its device and broadcast),
+    or from a FLOP model without one; ``pipe.layout.costs`` holds the estimate. Call on every
+    rank of ``group``.
+    ``activation_checkpointing`` recomputes each decoder layer's activations in backward
+    instead of keeping them (names unchanged).
 
     Data parallel x pipeline: ``mesh`` (a 2-D ``DeviceMesh`` with dims ``dp`` and ``pp``) or
     ``dp_size`` (the mesh ``(dp_size, world // dp_size)`` over the whole world, pipelines on
@@ -387,8 +394,20 @@ def build_vlm_pipeline(
     source, checkpoint = _load_model_source(model, dtype)
     config = source.config
     adapter = adapter_for(config)
-    n_layers = len(source.get_submodule(adapter.text_model_path).layers)
-    layout = plan_stages(schedule, pp_size, n_layers, stages_per_rank, layers_per_stage)
+    layout = choose_layout(
+        source,
+        adapter,
+        config,
+        schedule,
+        pp_size,
+        stages_per_rank,
+        layers_per_stage,
+        sample_batch=sample_batch,
+        n_microbatches=n_microbatches,
+        group=group,
+        device=target_device,
+        dtype=dtype,
+    )
     if activation_checkpointing:
         from pp_media._hf.activation import check_schedule
 
