@@ -35,6 +35,11 @@ from pp_media._hf.partition import SCHEDULE_NAMES, plan_stages
 #: the tiniest gradients, and 20 steps compound it. Measured max on the default demo: see the
 #: README. Low precision has ~3 significant digits to start with.
 TOLERANCE = {"float32": 1e-5, "bfloat16": 5e-2, "float16": 2e-2}
+#: ``--save``: max |logits difference| between the reloaded export and the pipelined model on one
+#: batch. The weights are the same bits; only the batch split differs (microbatches of 2 rows
+#: against one batch of 6 can take other matmul paths): ulps of logits of magnitude ~5 in fp32,
+#: and up to a few low-precision ulps otherwise.
+EXPORT_TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-1, "float16": 2e-2}
 
 
 #: Samples per step and replica when ``--batch-size`` is not given.
@@ -65,6 +70,8 @@ class DemoPlan:
     seed: int
     lr: float
     videos: bool
+    #: ``--save DIR``: where to export the trained model (None: no export).
+    save: str | None = None
     #: Data-parallel replicas, each a pipeline of ``pp_size`` ranks on its share of the batch.
     dp_size: int = 1
 
@@ -165,6 +172,9 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
             f"--videos: {config.model_type} cannot take images and videos in one forward "
             "(a limit of the unsplit model in transformers), and the demo's batches mix them"
         )
+    save = getattr(args, "save", None)
+    if save is not None and Path(save).exists() and not Path(save).is_dir():
+        raise DemoError(f"--save {save!r} is a file; give a directory to export the model to")
     if not model_dir.is_dir():
         torch.manual_seed(args.seed)
         import transformers
@@ -187,6 +197,7 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
         seed=args.seed,
         lr=args.lr,
         videos=args.videos,
+        save=None if save is None else str(Path(save).resolve()),
         dp_size=dp_size,
     )
 
@@ -273,6 +284,7 @@ def pipeline_rank(plan: DemoPlan, out_dir: str | None) -> dict[str, Any]:
         optimizer.zero_grad()
         if loss is not None:
             losses.append(loss.item())
+    exported = _export(pipe, plan) if plan.save is not None else None
     result = {
         "rank": rank,
         "dp_rank": pipe.dp_rank,
@@ -280,11 +292,39 @@ def pipeline_rank(plan: DemoPlan, out_dir: str | None) -> dict[str, Any]:
         "layers": [list(stage.layer_indices) for stage in pipe.stages],
         "parameter_bytes": sum(_local_bytes(p) for p in pipe.parameters()),
         "losses": losses if pipe.has_last_stage else None,
+        "export": exported,
         "costs": _costs_line(pipe.layout.costs),
     }
     if out_dir is not None:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     return result
+
+
+def _export(pipe: Any, plan: DemoPlan) -> dict[str, Any] | None:
+    """``pipe.save_pretrained(plan.save)``, then, on each replica's last-stage rank, the logits
+    of the model transformers reloads from there against the pipeline's on a batch not trained
+    on (the replica's share of one more step)."""
+    import transformers
+
+    from pp_media._hf.forward import forward_logits
+
+    assert plan.save is not None
+    pipe.save_pretrained(plan.save)
+    batch = _batch(pipe.config, plan, plan.steps, pipe.dp_rank)
+    logits = forward_logits(pipe, batch)
+    if logits is None:
+        return None
+    model = transformers.AutoModelForImageTextToText.from_pretrained(
+        plan.save, dtype=_dtype(plan.dtype)
+    ).to(pipe.device)
+    model.eval()
+    with torch.no_grad():
+        reloaded = model(**{k: v.to(pipe.device) for k, v in batch.items()}).logits
+    return {
+        "class": type(model).__name__,
+        "logits_diff": (reloaded.float() - logits.float()).abs().max().item(),
+        "logits_scale": logits.float().abs().max().item(),
+    }
 
 
 def _local_bytes(param: torch.Tensor) -> int:
@@ -379,7 +419,27 @@ def report(plan: DemoPlan, reference: list[float], ranks: list[dict[str, Any]]) 
         f"{plan.microbatches} microbatches, {plan.steps} steps: max |loss difference| "
         f"{worst:.3e}, tolerance {tolerance:.0e} ({plan.dtype})"
     )
-    return 0 if verdict == "PASS" else 1
+    passed = verdict == "PASS"
+    if plan.save is not None:
+        reports = [r["export"] for r in ranks if r.get("export")]  # one per replica
+        exported = max(reports, key=lambda r: r["logits_diff"], default=None)
+        passed = _report_export(plan, exported) == "PASS" and passed
+    return 0 if passed else 1
+
+
+def _report_export(plan: DemoPlan, exported: dict[str, Any] | None) -> str:
+    """The ``--save`` line: the reloaded export's logits against the pipeline's."""
+    if exported is None:
+        print(f"FAIL: export to {plan.save}: no rank reported the reloaded model's logits")
+        return "FAIL"
+    tolerance = EXPORT_TOLERANCE[plan.dtype]
+    verdict = "PASS" if exported["logits_diff"] <= tolerance else "FAIL"
+    print(
+        f"{verdict}: exported to {plan.save}; transformers reloads it as {exported['class']}: "
+        f"max |logits difference| {exported['logits_diff']:.3e} against the pipelined model "
+        f"(logits up to {exported['logits_scale']:.2f}), tolerance {tolerance:.0e} ({plan.dtype})"
+    )
+    return verdict
 
 
 def _ranks(plan: DemoPlan) -> str:

@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--videos", action="store_true", help="add videos beside the images (Qwen-VL families)"
     )
+    demo.add_argument(
+        "--save",
+        metavar="DIR",
+        default=None,
+        help="after training, export the pipelined model to DIR as a Hugging Face directory, "
+        "reload it with transformers and compare its logits with the pipeline's",
+    )
 
     inspect = commands.add_parser(
         "inspect",

@@ -83,6 +83,9 @@ class VLMPipeline:
         n_microbatches: int,
         device: torch.device,
         groups: ParallelGroups | None = None,
+        *,
+        model_class: type | None = None,
+        tied_embeddings: bool = False,
     ) -> None:
         self.stages = stages
         self.schedule = schedule
@@ -93,6 +96,10 @@ class VLMPipeline:
         self.tied = tied
         self.n_microbatches = n_microbatches
         self.device = device
+        #: The ``*ForConditionalGeneration`` class split here (what ``save_pretrained`` writes).
+        self.model_class = model_class
+        #: Whether the input embedding and the LM head are one matrix in the unsplit model.
+        self.tied_embeddings = tied_embeddings
         self._microbatch_shape: tuple[int, ...] | None = None
         self._groups = groups if groups is not None else ParallelGroups(dist.group.WORLD)
         self._agreement_group: dist.ProcessGroup | None = None
@@ -231,6 +238,55 @@ class VLMPipeline:
             dataset, self.dp_rank, self.dp_size, shuffle=shuffle, seed=seed, drop_last=drop_last
         )
 
+    def save_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        step: int = 0,
+    ) -> None:
+        """Save a training checkpoint to the directory ``path`` (``torch.distributed.checkpoint``:
+        each rank writes its own shards; keys are the unsplit model's names). Call on every rank;
+        ``optimizer`` is the one over ``pipe.parameters()``."""
+        from pp_media._hf.checkpointing import save_checkpoint
+
+        save_checkpoint(path, self.stages, self.adapter, self.tied_embeddings, optimizer, step)
+
+    def load_checkpoint(
+        self, path: str | os.PathLike[str], *, optimizer: torch.optim.Optimizer | None = None
+    ) -> int:
+        """Load a ``save_checkpoint`` directory into this pipeline (and ``optimizer``) and return
+        its step. Works for any stage split, schedule and data-parallel size of the same model.
+        Call on every rank, before training (or right after an optimizer step)."""
+        from pp_media._hf.checkpointing import load_checkpoint
+
+        return load_checkpoint(path, self.stages, self.adapter, self.tied_embeddings, optimizer)
+
+    def save_pretrained(
+        self, path: str | os.PathLike[str], *, max_shard_size: int | str = "5GB"
+    ) -> None:
+        """Export the whole model to ``path`` as a Hugging Face directory (config, safetensors,
+        an index when sharded beyond ``max_shard_size``) that ``from_pretrained`` of the
+        original class loads. Call on every rank; global rank 0 writes."""
+        from pp_media._hf.export import save_pretrained
+
+        if self.model_class is None:
+            raise ValueError(
+                "pp_media: this pipeline does not know its model class; build it with "
+                "build_vlm_pipeline to export it."
+            )
+        save_pretrained(
+            path,
+            self.stages,
+            model_class=self.model_class,
+            config=self.config,
+            adapter=self.adapter,
+            tied=self.tied_embeddings,
+            send=self.dp_rank == 0,
+            device=self.device,
+            max_shard_size=max_shard_size,
+        )
+
 
 def _load_model_source(
     model: nn.Module | str | os.PathLike[str], dtype: torch.dtype | None
@@ -289,6 +345,7 @@ def build_vlm_pipeline(
     layers_per_stage: Sequence[int] | str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    activation_checkpointing: bool = False,
     sample_batch: Mapping[str, Any] | None = None,
 ) -> VLMPipeline:
     """Split a Hugging Face ``*ForConditionalGeneration`` VLM into pipeline stages.
@@ -304,6 +361,8 @@ def build_vlm_pipeline(
     the ones ``step`` will get; measured by the group's rank 0 on its device and broadcast,
     by the mesh's first rank to every replica under data parallelism), or from a FLOP model
     without one; ``pipe.layout.costs`` holds the estimate. Call on every rank of ``group``.
+    ``activation_checkpointing`` recomputes each decoder layer's activations in backward
+    instead of keeping them (names unchanged).
 
     Data parallel x pipeline: ``mesh`` (a 2-D ``DeviceMesh`` with dims ``dp`` and ``pp``) or
     ``dp_size`` (the mesh ``(dp_size, world // dp_size)`` over the whole world, pipelines on
@@ -346,6 +405,10 @@ def build_vlm_pipeline(
         device=target_device,
         dtype=dtype,
     )
+    if activation_checkpointing:
+        from pp_media._hf.activation import check_schedule
+
+        check_schedule(layout.schedule_class)
     tied = _is_tied(source, adapter)
 
     last = layout.n_stages - 1
@@ -376,6 +439,10 @@ def build_vlm_pipeline(
             stage.to(device=target_device, dtype=dtype)
     for stage in stages:
         stage.train()
+    if activation_checkpointing:
+        from pp_media._hf.activation import checkpoint_decoder_layers
+
+        checkpoint_decoder_layers(stages, adapter)
 
     both_ends_here = layout.rank_of(0) == layout.rank_of(last) == pp_rank
     if groups.dp_mesh is not None:
@@ -407,4 +474,6 @@ def build_vlm_pipeline(
         n_microbatches,
         target_device,
         groups,
+        model_class=type(source),
+        tied_embeddings=tied,
     )

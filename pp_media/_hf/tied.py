@@ -30,6 +30,26 @@ def _grad_of(weight: nn.Parameter) -> torch.Tensor:
     return _local(weight.grad)
 
 
+#: The two-rank groups created so far, by their global ranks.
+_PAIR_GROUPS: dict[tuple[int, int], dist.ProcessGroup] = {}
+
+
+def _pair_group(first_rank: int, last_rank: int) -> dist.ProcessGroup:
+    """The group of two global ranks, created once per process: torch names a locally
+    synchronised group by its ranks alone, so a second pipeline creating the same pair again
+    would rendezvous under the first one's store keys (seen to hang with 4 gloo ranks)."""
+    key = (first_rank, last_rank)
+    group = _PAIR_GROUPS.get(key)
+    if group is not None:
+        try:
+            dist.get_process_group_ranks(group)
+        except (KeyError, ValueError, RuntimeError):  # the world was destroyed and made again
+            group = None
+    if group is None:
+        group = _PAIR_GROUPS[key] = dist.new_group(list(key), use_local_synchronization=True)
+    return group
+
+
 class TiedEmbeddingSync:
     """Sums the embedding-copy gradients between the first and the last stage's ranks."""
 
@@ -60,8 +80,9 @@ class TiedEmbeddingSync:
         stage's); ranks are global. Only the two ranks involved create the group."""
         if not tied or first_rank == last_rank or local_weight is None:
             return cls(None, None)
-        group = dist.new_group([first_rank, last_rank], use_local_synchronization=True)
-        return cls(local_weight, group, is_copy=dist.get_rank() == last_rank)
+        return cls(
+            local_weight, _pair_group(first_rank, last_rank), is_copy=dist.get_rank() == last_rank
+        )
 
     @classmethod
     def on_one_rank(cls, embedding: nn.Parameter, head_copy: nn.Parameter) -> TiedEmbeddingSync:
