@@ -157,7 +157,7 @@ def stage_layer_types(stage: Any) -> dict[str, list[Any]]:
 def tied_copies(pipe: Any) -> dict[str, Any]:
     """Whether the embedding copy (stage 0's rank) and the LM head copy (last stage's rank)
     are equal bit for bit, compared through an all_gather over the tied group."""
-    named = pipe.named_parameters()
+    named = dict(pipe.named_parameters(remove_duplicate=False))
     if not pipe.tied.active:
         return {"copies_equal": None}
     mine = (named[EMBED] if pipe.has_first_stage else named[HEAD]).detach().contiguous()
@@ -239,7 +239,7 @@ def run_case(rank: int, case: Case) -> dict[str, Any]:
         source, schedule=case.schedule, n_microbatches=N_MICROBATCHES, device="cpu"
     )
     full = dict(reference.named_parameters(remove_duplicate=False))
-    named = pipe.named_parameters()
+    named = dict(pipe.named_parameters(remove_duplicate=False))
     vision_names = [
         name for name in full if any(name.startswith(path + ".") for path in adapter.vision_paths)
     ]

@@ -256,7 +256,7 @@ def misrouted(batch: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Te
 def _tied_copies(pipe: Any) -> dict[str, Any]:
     """Whether this rank's embedding copy and the LM head copy are equal, bit for bit: the
     same Parameter when both stages are local, else compared through an all_gather."""
-    named = pipe.named_parameters()
+    named = dict(pipe.named_parameters(remove_duplicate=False))
     if pipe.tied.active:
         mine = (named[EMBED] if pipe.has_first_stage else named[HEAD]).detach().contiguous()
         gathered = [torch.empty_like(mine) for _ in range(WORLD_SIZE)]
@@ -331,7 +331,7 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
     )
 
     full = dict(reference.named_parameters(remove_duplicate=False))
-    named = pipe.named_parameters()
+    named = dict(pipe.named_parameters(remove_duplicate=False))
     result: dict[str, Any] = {
         "case": asdict(case),
         "stages": [stage.stage_index for stage in pipe.stages],

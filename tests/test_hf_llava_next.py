@@ -189,7 +189,7 @@ def _run_case(model_type: str, schedule: str, seed: int, videos: bool) -> dict[s
         source, schedule=schedule, n_microbatches=N_MICROBATCHES, device="cpu"
     )
     loss = pipe.step(dict(batch))
-    named = pipe.named_parameters()
+    named = dict(pipe.named_parameters(remove_duplicate=False))
     grad_err, grad_worst, _ = max_abs_diff(named, ref_grads, grads=True)
     # Missing: no gradient where the reference has one, even an all-zero one.
     missing = [name for name, p in named.items() if p.grad is None and ref_grads[name] is not None]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,13 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from pp_media._core.device import move_vlm_media_to_device
-from pp_media._hf.batch import StepInputs, prepare_step_inputs
+from pp_media._hf.batch import (
+    StepInputs,
+    prepare_step_inputs,
+    reference_batch,
+    shape_change_message,
+)
+from pp_media._hf.dtypes import resolve_dtype
 from pp_media._hf.families import FamilyAdapter, adapter_for
 from pp_media._hf.loss import TokenSumCrossEntropy
 from pp_media._hf.partition import StageLayout, plan_stages
@@ -22,6 +28,7 @@ from pp_media._hf.pruning import prune_to_stage
 from pp_media._hf.stage_module import VLMStage
 from pp_media._hf.tied import TiedEmbeddingSync, unique_parameters
 from pp_media._keys import VLM_PP_MEDIA_KEY
+from pp_media._pipeline.locate import schedule_stages
 from pp_media._pipeline.step import step_with_media
 
 
@@ -96,12 +103,47 @@ class VLMPipeline:
         """This rank's parameters, each once (give them to the optimizer)."""
         return unique_parameters(self.stages)
 
-    def named_parameters(self) -> dict[str, nn.Parameter]:
-        """This rank's parameters by the unsplit model's names."""
-        named: dict[str, nn.Parameter] = {}
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters as ``(name, parameter)`` pairs under the unsplit model's
+        names, like ``nn.Module.named_parameters`` (same arguments). With tied embeddings,
+        stage 0's rank holds ``...embed_tokens.weight`` and the last stage's rank its own copy
+        as ``lm_head.weight``; where one rank runs both (V schedules) they are one parameter,
+        yielded once as the embedding (``remove_duplicate=False`` yields both names)."""
+        seen: set[int] = set()
         for stage in self.stages:
-            named.update(stage.named_parameters())
-        return named
+            for name, param in stage.named_parameters(
+                prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate
+            ):
+                if remove_duplicate and id(param) in seen:
+                    continue
+                seen.add(id(param))
+                yield name, param
+
+    @property
+    def last_stage_rank(self) -> int:
+        """Global rank that runs the last stage, where ``step`` and ``eval_step`` return the
+        loss (rank 0 of the pipeline group for V schedules, its last rank otherwise)."""
+        group = self._group()
+        return dist.get_global_rank(group, self.layout.rank_of(self.layout.n_stages - 1))
+
+    def broadcast_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """What ``step`` / ``eval_step`` returned, on every rank of the pipeline: a 0-d float32
+        tensor broadcast from ``last_stage_rank``. A collective: call it on every rank."""
+        if loss is None:
+            value = torch.zeros((), dtype=torch.float32, device=self.device)
+        else:
+            value = loss.detach().to(device=self.device, dtype=torch.float32).reshape(())
+        dist.broadcast(value, src=self.last_stage_rank, group=self._group())
+        return value
+
+    def _group(self) -> dist.ProcessGroup:
+        """The pipeline's process group, as torch's stages hold it."""
+        stages = schedule_stages(self.schedule)
+        if not stages:
+            raise RuntimeError("pp_media: this VLMPipeline has no torch schedule to read from.")
+        return stages[0].group
 
     def prepare(self, batch: Mapping[str, Any]) -> StepInputs:
         """What ``step`` does before running the schedule; exposed for inspection."""
@@ -111,18 +153,51 @@ class VLMPipeline:
             self._microbatch_shape = shape
         elif shape != self._microbatch_shape:
             raise ValueError(
-                f"pp_media: this batch gives microbatches of {list(shape)} tokens but the "
-                f"pipeline was set up for {list(self._microbatch_shape)} (torch's stages fix "
-                "their buffers at the first step). Pad every batch to the same sequence length "
-                "and use the same batch size."
+                shape_change_message(
+                    tuple(batch["input_ids"].shape),
+                    shape,
+                    self._microbatch_shape,
+                    self.n_microbatches,
+                )
             )
         return inputs
+
+    def reference_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """``batch`` as the unsplit model takes it: ``model(**pipe.reference_batch(batch))
+        .loss`` equals ``pipe.step(batch)``. Adds the fields a step derives when the batch
+        lacks them (Qwen-VL's ``mm_token_type_ids``) and leaves out the per-sample counts
+        (``n_images_per_sample``, ...) that only align media; a new dict of the same tensors."""
+        return reference_batch(batch, self.adapter, self.config)
 
     def step(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """Forward and backward of one collated batch on every rank; gradients accumulate
         into this rank's parameters. Returns the batch's loss (Hugging Face's ``labels=``
-        loss) on the rank of the last stage, None elsewhere."""
+        loss), a detached 0-d tensor, on the rank of the last stage (``last_stage_rank``),
+        None elsewhere."""
+        inputs = self.prepare(batch)  # refuses bad input before anything changes
+        self.tied.before_step()
+        loss = self._run_schedule(inputs, forward_only=False)
+        self.tied.sync_grads()
+        return loss
+
+    def eval_step(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """The batch's loss without a backward pass: ``model(**batch).loss`` of the unsplit
+        model in eval mode under ``torch.no_grad()``, on the rank of the last stage (None
+        elsewhere). Runs torch's forward-only ``schedule.eval`` with the stages in eval mode
+        and no graph; gradients are not touched and each module's train/eval mode is restored.
+        Call on every rank; same batch rules as ``step``. torch 2.13 runs GPipe, 1F1B,
+        Interleaved1F1B, LoopedBFS and InterleavedZeroBubble forward-only; the V schedules
+        (ZBVZeroBubble, DualPipeV) are refused (see ``evaluation.check_forward_only``)."""
+        from pp_media._hf.evaluation import check_forward_only, forward_only
+
+        check_forward_only(self.layout)
         inputs = self.prepare(batch)
+        with forward_only(self.stages):
+            return self._run_schedule(inputs, forward_only=True)
+
+    def _run_schedule(self, inputs: StepInputs, *, forward_only: bool) -> torch.Tensor | None:
+        """One schedule call over prepared inputs: the summed microbatch losses on the last
+        stage's rank, None elsewhere."""
         self.loss_fn.label_tokens = inputs.label_tokens
         losses: list[torch.Tensor] | None = [] if self.has_last_stage else None
         kwargs = {name: value.to(self.device) for name, value in inputs.kwargs.items()}
@@ -135,9 +210,9 @@ class VLMPipeline:
             target=inputs.labels.to(self.device) if self.has_last_stage else None,
             losses=losses,
             return_outputs=False,
+            forward_only=forward_only,
             **kwargs,
         )
-        self.tied.sync_grads()
         if losses is None:
             return None
         return torch.stack([loss.detach() for loss in losses]).sum()
@@ -195,7 +270,7 @@ def build_vlm_pipeline(
     stages_per_rank: int | None = None,
     layers_per_stage: Sequence[int] | None = None,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> VLMPipeline:
     """Split a Hugging Face ``*ForConditionalGeneration`` VLM into pipeline stages.
 
@@ -204,8 +279,10 @@ def build_vlm_pipeline(
     its own stages' tensors. ``group`` is the pipeline process group (default: the whole
     world). ``schedule`` is one of torch's schedule names; ``stages_per_rank`` defaults to 1
     (GPipe, 1F1B) or 2 (interleaved and V schedules); decoder layers are balanced over the
-    stages unless ``layers_per_stage`` says otherwise. Call on every rank of ``group``.
+    stages unless ``layers_per_stage`` says otherwise. ``dtype`` (a ``torch.dtype`` or its
+    name, ``"bfloat16"``) casts the stages' parameters. Call on every rank of ``group``.
     """
+    dtype = resolve_dtype(dtype)
     if not dist.is_initialized():
         raise RuntimeError(
             "pp_media: build_vlm_pipeline needs an initialised process group "

@@ -41,6 +41,14 @@ class TiedEmbeddingSync:
     def active(self) -> bool:
         return self.group is not None
 
+    def before_step(self) -> None:
+        """Halve the gradient the copies already share (equal on both ranks after every
+        sync), so that ``sync_grads``' sum adds each copy's new contribution once: gradients
+        accumulated over several steps stay the tied parameter's (halving is exact in binary
+        floating point)."""
+        if self.weight is not None and self.weight.grad is not None:
+            self.weight.grad.mul_(0.5)
+
     def sync_grads(self) -> None:
         if self.weight is None:
             return

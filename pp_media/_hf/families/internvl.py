@@ -4,11 +4,16 @@ counting the tiles of each image (not the Step3-style crops per sample of the se
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from pp_media._hf.families.base import IMAGES, FamilyAdapter, MediaKind
+from pp_media._hf.families import base
+from pp_media._hf.families.base import FamilyAdapter, MediaKind
+
+#: ``InternVLProcessor`` pops ``num_patches``; the collate puts it back for the tile split.
+IMAGES = replace(base.IMAGES, requires=("num_patches",))
 
 #: InternVL's tiles per image travel to the core as a ``[tiles, 1]`` grid: rows per item.
 TILE_GRID = "image_grid_hws"

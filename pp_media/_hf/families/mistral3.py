@@ -12,7 +12,7 @@ import torch
 from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
 
-IMAGES = replace(base.IMAGES, feature_fields=("image_sizes",))
+IMAGES = replace(base.IMAGES, feature_fields=("image_sizes",), requires=("image_sizes",))
 
 
 class Mistral3Adapter(FamilyAdapter):

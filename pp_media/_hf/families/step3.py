@@ -15,7 +15,11 @@ from torch import nn
 from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind, _flat
 
-IMAGES = replace(base.IMAGES, rows_per_sample=True)
+IMAGES = replace(
+    base.IMAGES,
+    rows_per_sample=True,
+    requires_with=(("pixel_values_local", "num_local_patches"),),
+)
 #: Step3p7's processor names and the seed's Step3 names the core splits.
 _STEP3_NAMES = {
     "pixel_values_local": "patch_pixel_values",
