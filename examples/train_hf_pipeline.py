@@ -8,6 +8,13 @@ Rank 0 saves a tiny random Qwen2-VL checkpoint (a stand-in for a real one), ever
 only its own stage's tensors from it, and each step's batch is what a Qwen2-VL collate
 function returns: the real image processor's ``pixel_values`` and ``image_grid_thw``, token ids
 with the image placeholders expanded, labels and an attention mask, padded to a fixed length.
+(``Qwen2VLProcessor`` itself cannot be built without torchvision, which its video processor
+needs, so the collate expands the placeholders as the processor would: ``t*h*w // merge**2``
+image tokens per image, between the vision start and end tokens.)
+
+Before training, the last stage's rank evaluates a held-out batch forward-only and compares it
+with the unsplit model's ``model(**pipe.reference_batch(batch)).loss``; each training step's
+loss then reaches every rank through ``pipe.broadcast_loss``.
 """
 
 import os
@@ -77,11 +84,21 @@ def main() -> None:
         checkpoint, schedule="Interleaved1F1B", n_microbatches=MICROBATCHES
     )
     optimizer = torch.optim.AdamW(pipe.parameters(), lr=1e-3)
+
+    held_out = collate(100)
+    loss = pipe.eval_step(held_out)  # forward only, on every rank; no gradients
+    if loss is not None:  # the rank that runs the last stage (pipe.last_stage_rank)
+        model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(checkpoint).eval()
+        with torch.no_grad():
+            reference = model(**pipe.reference_batch(held_out)).loss
+        print(f"eval: pipeline {loss.item():.6f}, unsplit model {reference.item():.6f}")
+
     for step in range(3):
         loss = pipe.step(collate(step))  # forward and backward on every rank
         optimizer.step()
         optimizer.zero_grad()
-        if loss is not None:  # the rank that runs the last stage
+        loss = pipe.broadcast_loss(loss)  # the last stage's loss, now on every rank
+        if dist.get_rank() == 0:
             print(f"step {step}: loss {loss.item():.4f}")
     stages = [f"stage {stage.stage_index}" for stage in pipe.stages]
     print(f"rank {dist.get_rank()} ran {', '.join(stages)}")
