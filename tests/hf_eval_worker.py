@@ -81,7 +81,7 @@ def cases() -> list[Case]:
 
 
 def _batch(config: Any, seed: int) -> dict[str, torch.Tensor]:
-    from pp_media._cli.synthetic import default_seq_len, synthetic_batch
+    from pp_media.testing import default_seq_len, synthetic_batch
 
     seq_len = default_seq_len(config, videos=True)
     batch = synthetic_batch(config, BATCH_SIZE, seq_len, seed=seed, videos=True)
@@ -120,8 +120,8 @@ def _reference_eval(reference: Any, batch: dict[str, Any]) -> float:
 def run_case(case: Case) -> dict[str, Any]:
     import transformers
 
-    from pp_media._cli.tiny_models import tiny_config
     from pp_media._hf.pipeline import build_vlm_pipeline
+    from pp_media.testing import tiny_config
 
     config = tiny_config("qwen2_vl", tie_word_embeddings=case.tied)
     if case.dropout:

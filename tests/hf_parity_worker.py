@@ -1,13 +1,19 @@
-"""Hugging Face stage splitting against the unsplit model, on 2 real gloo ranks.
+"""The rank side of the Hugging Face parity harness: one table of cases, one way to run each.
 
-Each case builds the same tiny VLM on both ranks, runs the unsplit copy on the whole batch as
-the reference, then ``build_vlm_pipeline(...).step(batch)`` and records, per rank, the largest
-loss and gradient (and, with an optimizer, parameter) differences from the reference, the
-parameter names and sizes the rank holds, and the tied-embedding state. With
-``token_type_ids`` in the batch (Gemma3, PaliGemma) it also records how far the unsplit model's
-loss and gradients move without them (plain causal masks): the size of the error a lost
-bidirectional mask would make.
-``test_hf_parity.py`` spawns ``worker`` once for all cases and asserts on the JSON it writes.
+Each case builds the same tiny VLM on both ranks (``pp_media.testing.tiny_config``, fp32,
+dropout 0, train mode), runs the unsplit copy on the whole batch as the reference, then
+``build_vlm_pipeline(...).step(batch)``, and records per rank: the loss and gradient (and, with
+SGD steps, parameter) differences from the reference by the unsplit model's parameter names,
+the names and sizes the rank holds, the stages' layers and the layer types each stage's text
+model sees, what every later stage received from the previous one (forward pre-hooks), the
+tied-embedding state, how large the vision gradients are, what the batch holds, and the
+reference's loss without what the case must show to matter (``token_type_ids``: bidirectional
+masks; Qwen3-VL's deepstack). ``test_hf_parity.py`` spawns ``worker`` once for all cases and
+asserts on the JSON it writes.
+
+A family is a row of ``CASES``: family, schedule, stages (``layers_per_stage``, decoder
+layers), batch, SGD steps and tolerances, plus the flags of the few cases that build, feed or
+compare differently (a checkpoint directory, a misrouted image, fields left out).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pp_media._hf.partition import SCHEDULE_NAMES
 from tests.helpers.parity import (
     EMBED,
     HEAD,
@@ -40,44 +47,47 @@ N_MICROBATCHES = 4
 MODEL_SEED = 0
 BATCH_SEED = 1
 TINY_LAYERS = 4
-SCHEDULES = (
-    "GPipe",
-    "1F1B",
-    "Interleaved1F1B",
-    "LoopedBFS",
-    "InterleavedZeroBubble",
-    "ZBVZeroBubble",
-    "DualPipeV",
-)
+SGD_LR = 0.5
+#: Absolute fp32 tolerances: summation order only (see ``test_hf_parity.py``).
+LOSS_TOLERANCE = 5e-6
+GRAD_TOLERANCE = 1e-6
+PARAM_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
 class Case:
-    """One pipelined step (or ``steps`` SGD steps) beside the unsplit reference."""
+    """One pipelined step (or ``sgd_steps`` SGD steps) beside the unsplit reference."""
 
     model_type: str
     schedule: str
-    #: "images" (0..3 per sample), "videos" (images and videos), "one_image" (LLaVA
-    #: ``[B, C, H, W]``, exactly one image per sample) or "text_only".
+    #: "images" (0..3 per sample), "videos" (images, and one video in every third sample),
+    #: "one_image" (LLaVA ``[B, C, H, W]``, exactly one image per sample), "text_only", or
+    #: "prefix" (images, with PaliGemma's prompt prefix and answer suffix).
     batch: str = "images"
-    tied: bool = False
-    #: Remove ``mm_token_type_ids`` from the pipeline's batch (the pipeline derives it).
-    drop_mm_token_type_ids: bool = False
-    #: Save the model with ``save_pretrained`` and build both runs from the directory.
-    checkpoint: bool = False
-    #: Swap two equal-grid images of different samples in the pipeline's batch only.
-    misroute: bool = False
-    #: Optimizer steps (SGD, lr 0.5) after each pipeline step; 0: one step, no optimizer.
-    sgd_steps: int = 0
-    #: Seed of the (first) batch. With videos, seed 1 gives microbatches of images and videos,
-    #: of text only and of one image; seed 3 gives video-only, image-only and text-only ones.
+    #: Seed of the (first) batch, chosen for what the batch must hold (``claims``).
     seed: int = BATCH_SEED
     #: ``build_vlm_pipeline(layers_per_stage=)``; None: balanced.
     layers_per_stage: tuple[int, ...] | None = None
     #: Decoder layers of the tiny model.
     num_layers: int = TINY_LAYERS
+    #: SGD steps (lr ``SGD_LR``) after each pipeline step, one batch each; 0: one step.
+    sgd_steps: int = 0
+    tied: bool = False
+    #: Save the model with ``save_pretrained`` and build both runs from the directory.
+    checkpoint: bool = False
+    #: Swap two equal-grid images of different samples in the pipeline's batch only: the
+    #: comparison must fail (by ``test_hf_parity``'s factors).
+    misroute: bool = False
+    #: Remove ``mm_token_type_ids`` from the pipeline's batch (the pipeline derives it).
+    drop_mm_token_type_ids: bool = False
     #: Remove ``token_type_ids`` from the batch of both runs (plain causal masks).
     drop_token_type_ids: bool = False
+    #: What the batch must hold, checked by ``test_hf_parity``'s claim of that name
+    #: ("text_only_microbatch", "image_beside_several", ...).
+    claims: tuple[str, ...] = ()
+    loss_tolerance: float = LOSS_TOLERANCE
+    grad_tolerance: float = GRAD_TOLERANCE
+    param_tolerance: float = PARAM_TOLERANCE
 
     @property
     def key(self) -> str:
@@ -100,44 +110,93 @@ class Case:
         return "/".join(parts)
 
 
-def cases() -> list[Case]:
-    """Every case the test asserts on, in the order both ranks run them."""
-    result = [Case("qwen2_vl", schedule) for schedule in SCHEDULES]
-    result += [
-        Case("qwen2_vl", "1F1B", batch="videos"),
-        Case("qwen2_vl", "Interleaved1F1B", batch="videos", seed=3),
-        Case("qwen2_5_vl", "1F1B", batch="videos", seed=3),
-        Case("qwen2_5_vl", "ZBVZeroBubble", batch="videos"),
-        Case("llava", "1F1B"),
-        Case("llava", "Interleaved1F1B"),
-        Case("llava", "1F1B", batch="one_image"),
-        Case("qwen2_vl", "1F1B", batch="videos", drop_mm_token_type_ids=True),
-        Case("qwen2_vl", "1F1B", batch="videos", drop_mm_token_type_ids=True, seed=3),
-        Case("qwen2_vl", "1F1B", batch="text_only"),
-        Case("qwen2_vl", "Interleaved1F1B", batch="videos", layers_per_stage=(0, 2, 2, 0)),
-        Case("qwen2_vl", "1F1B", layers_per_stage=(3, 1)),
-        Case("qwen2_vl", "1F1B", tied=True, sgd_steps=3),
-        Case("qwen2_vl", "ZBVZeroBubble", tied=True, sgd_steps=3),
-        Case("qwen2_vl", "1F1B", checkpoint=True),
-        Case("qwen2_vl", "1F1B", tied=True, checkpoint=True),
-        Case("qwen2_vl", "1F1B", misroute=True),
-        # Later families. GLM-4V: images only (transformers cannot mix images and videos in
-        # one GLM-4V forward). Gemma3 interleaved: 6 layers as 1, 2, 2, 1, so two stages
-        # hold a full layer followed by a sliding one (global layers 1, 2 and 3, 4). Gemma3
-        # tied: 2 SGD steps, not 3 (the ulp-level differences of each step grow about 3-4x
-        # a step there: gradients differ by 5.6e-8, 1.5e-7, then 6.2e-7 in the third step,
-        # too close to the 1e-6 tolerance).
-        Case("glm4v", "1F1B"),
-        Case("glm4v", "GPipe"),
-        Case("mistral3", "1F1B"),
-        Case("gemma3", "1F1B"),
-        Case("gemma3", "Interleaved1F1B", num_layers=6, layers_per_stage=(1, 2, 2, 1)),
-        Case("gemma3", "1F1B", drop_token_type_ids=True),
-        Case("gemma3", "1F1B", tied=True, sgd_steps=2),
-        Case("paligemma", "1F1B"),
-        Case("paligemma", "ZBVZeroBubble"),
-    ]
-    return result
+#: Microbatches are samples [0, 2), [2, 4), [4, 5), [5, 6). Seeds, where they matter: Qwen2-VL
+#: with videos, seed 1 gives microbatches of images and videos, of text only and of one image;
+#: seed 3 video-only, image-only and text-only ones. Qwen3-VL, Qwen3.5, Kimi-K2.5, Idefics3 and
+#: SmolVLM: seed 1 leaves microbatch 1 text-only, seed 7 microbatch 0 (Qwen3-VL videos: seed 1
+#: microbatches of images and a video, seed 3 video-only ones). InternVL seeds 1 and 2 give a
+#: sample with images of 1 and 3 tiles. Step3p7 (one image per sample): seed 1 gives local crops
+#: in samples 1 to 4, seed 3 in samples 2, 3 and 5. LLaVA-NeXT / OneVision images per sample:
+#: seed 1 [0, 3, 0, 0, 3, 1], seed 12 [0, 3, 2, 1, 1, 2], seed 9 [0, 0, 2, 1, 2, 0].
+CASES: tuple[Case, ...] = (
+    *(Case("qwen2_vl", schedule) for schedule in SCHEDULE_NAMES),
+    Case("qwen2_vl", "1F1B", batch="videos"),
+    Case("qwen2_vl", "Interleaved1F1B", batch="videos", seed=3, claims=("video_only_mb",)),
+    Case("qwen2_5_vl", "1F1B", batch="videos", seed=3, claims=("video_only_mb",)),
+    Case("qwen2_5_vl", "ZBVZeroBubble", batch="videos"),
+    Case("llava", "1F1B", claims=("several_images",)),
+    Case("llava", "Interleaved1F1B", claims=("several_images",)),
+    Case("llava", "1F1B", batch="one_image"),
+    Case("qwen2_vl", "1F1B", batch="videos", drop_mm_token_type_ids=True),
+    Case(
+        "qwen2_vl",
+        "1F1B",
+        batch="videos",
+        drop_mm_token_type_ids=True,
+        seed=3,
+        claims=("video_only_mb",),
+    ),
+    Case("qwen2_vl", "1F1B", batch="text_only"),
+    Case("qwen2_vl", "Interleaved1F1B", batch="videos", layers_per_stage=(0, 2, 2, 0)),
+    Case("qwen2_vl", "1F1B", layers_per_stage=(3, 1)),
+    Case("qwen2_vl", "1F1B", tied=True, sgd_steps=3),
+    Case("qwen2_vl", "ZBVZeroBubble", tied=True, sgd_steps=3),
+    Case("qwen2_vl", "1F1B", checkpoint=True),
+    Case("qwen2_vl", "1F1B", tied=True, checkpoint=True),
+    Case("qwen2_vl", "1F1B", misroute=True),
+    # GLM-4V: images only (transformers cannot mix images and videos in one GLM-4V forward).
+    Case("glm4v", "1F1B", claims=("several_images",)),
+    Case("glm4v", "GPipe", claims=("several_images",)),
+    Case("mistral3", "1F1B", claims=("several_images",)),
+    Case("gemma3", "1F1B", claims=("several_images",)),
+    # 6 layers as 1, 2, 2, 1: two stages hold a full layer followed by a sliding one.
+    Case(
+        "gemma3",
+        "Interleaved1F1B",
+        num_layers=6,
+        layers_per_stage=(1, 2, 2, 1),
+        claims=("several_images", "full_and_sliding_stage"),
+    ),
+    Case("gemma3", "1F1B", drop_token_type_ids=True, claims=("several_images",)),
+    # 2 SGD steps, not 3: the ulp-level differences of each step grow about 3-4x a step here
+    # (gradients 5.6e-8, 1.5e-7, then 6.2e-7 in a third step, too close to the tolerance).
+    Case("gemma3", "1F1B", tied=True, sgd_steps=2, claims=("several_images",)),
+    Case("paligemma", "1F1B", batch="prefix", claims=("several_images",)),
+    Case("paligemma", "ZBVZeroBubble", batch="prefix", claims=("several_images",)),
+    Case("qwen3_vl", "1F1B", claims=("text_only_mb",)),
+    Case("qwen3_vl", "Interleaved1F1B", claims=("text_only_mb",)),
+    Case("qwen3_vl", "ZBVZeroBubble", seed=7, claims=("text_only_mb",)),
+    Case("qwen3_vl", "1F1B", batch="videos"),
+    Case("qwen3_vl", "Interleaved1F1B", batch="videos", seed=3, claims=("video_only_mb",)),
+    Case("idefics3", "1F1B", claims=("text_only_mb",)),
+    Case("idefics3", "Interleaved1F1B", seed=7, claims=("text_only_mb",)),
+    Case("smolvlm", "1F1B", claims=("text_only_mb",)),
+    Case("internvl", "1F1B"),
+    Case("internvl", "GPipe", seed=2),
+    Case("qwen3_vl", "1F1B", tied=True, sgd_steps=2),
+    Case("qwen3_5", "1F1B"),
+    Case("qwen3_5", "Interleaved1F1B", seed=7),
+    Case("qwen3_5", "1F1B", batch="videos", claims=("image_and_video_in_a_sample",)),
+    Case("kimi_k25", "1F1B"),
+    Case("kimi_k25", "1F1B", batch="videos", claims=("image_and_video_in_a_sample",)),
+    Case("step3p7", "1F1B"),
+    Case("step3p7", "GPipe", seed=3),
+    Case("llava_next", "1F1B", claims=("text_only_mb",)),
+    Case("llava_onevision", "1F1B", seed=12, claims=("image_beside_several",)),
+    Case(
+        "llava_onevision",
+        "Interleaved1F1B",
+        seed=9,
+        claims=("text_only_mb", "image_beside_several"),
+    ),
+    Case(
+        "llava_onevision",
+        "1F1B",
+        batch="videos",
+        seed=9,
+        claims=("text_only_mb", "image_beside_several", "image_and_video_in_a_sample"),
+    ),
+)
 
 
 # --- batches ---------------------------------------------------------------------------
@@ -148,7 +207,7 @@ def one_image_per_sample_batch(config: Any, seed: int) -> dict[str, torch.Tensor
     with the real image processor (``synthetic_batch`` always makes sample 0 text-only)."""
     from PIL import Image
 
-    from pp_media._cli.tiny_models import image_processor
+    from pp_media.testing import image_processor
 
     generator = torch.Generator().manual_seed(seed)
     size = config.vision_config.image_size
@@ -187,8 +246,7 @@ def with_prompt_prefix(batch: dict[str, torch.Tensor], config: Any) -> dict[str,
     """PaliGemma's prefix-LM layout, as its processor emits it for a prompt and a suffix:
     ``token_type_ids`` 0 on the prefix (the images and the prompt: here every token up to 2
     after the last image, or the first 3 of a text-only sample) and on padding, 1 on the
-    suffix, which alone carries labels. ``synthetic_batch`` labels every text token, so its
-    ``token_type_ids`` are 1 everywhere and the prefix mask would never be exercised."""
+    suffix, which alone carries labels."""
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     positions = torch.arange(input_ids.shape[1])
     token_type_ids = torch.zeros_like(input_ids)
@@ -202,7 +260,7 @@ def with_prompt_prefix(batch: dict[str, torch.Tensor], config: Any) -> dict[str,
 
 def make_batch(config: Any, case: Case, seed: int) -> dict[str, torch.Tensor]:
     """The case's collated batch (what the reference model gets)."""
-    from pp_media._cli.synthetic import default_seq_len, synthetic_batch
+    from pp_media.testing import default_seq_len, synthetic_batch
 
     if case.batch == "one_image":
         return one_image_per_sample_batch(config, seed)
@@ -212,7 +270,7 @@ def make_batch(config: Any, case: Case, seed: int) -> dict[str, torch.Tensor]:
     batch = synthetic_batch(
         config, BATCH_SIZE, seq_len, seed=seed, max_images=max_images, videos=videos
     )
-    if config.model_type == "paligemma":
+    if case.batch == "prefix":
         batch = with_prompt_prefix(batch, config)
     if case.drop_token_type_ids:
         del batch["token_type_ids"]
@@ -250,10 +308,91 @@ def misrouted(batch: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Te
     raise AssertionError("the misroute batch has no two equal-grid images of different samples")
 
 
-# --- one case ----------------------------------------------------------------------------
+def describe_batch(batch: dict[str, torch.Tensor], config: Any) -> dict[str, Any]:
+    """The facts about ``batch`` that the test checks the case's claims against."""
+    from pp_media._core.bounds import sample_bounds
+
+    input_ids = batch["input_ids"]
+    info: dict[str, Any] = {
+        "keys": sorted(batch),
+        "bounds": list(sample_bounds(input_ids.shape[0], N_MICROBATCHES)),
+        "shapes": {name: list(value.shape) for name, value in batch.items()},
+        "image_tokens": (input_ids == config.image_token_id).sum(1).tolist(),
+        "image_runs": placeholder_runs(input_ids, config.image_token_id),
+        "video_tokens": [0] * input_ids.shape[0],
+        "video_runs": [0] * input_ids.shape[0],
+    }
+    video_token = getattr(config, "video_token_id", None)
+    if video_token is not None:
+        info["video_tokens"] = (input_ids == video_token).sum(1).tolist()
+        info["video_runs"] = placeholder_runs(input_ids, video_token)
+    for name in (
+        "image_grid_thw",
+        "video_grid_thw",
+        "num_patches",
+        "num_local_patches",
+        "image_sizes",
+        "token_type_ids",
+    ):
+        if name in batch:
+            info[name] = batch[name].tolist()
+    if "pixel_attention_mask" in batch:  # per-sample rows: real crops, all-zero padding rows
+        pixels = batch["pixel_values"]
+        info["real_crops"] = (~(pixels == 0).flatten(2).all(-1)).sum(1).tolist()
+        info["zero_rows"] = [bool((row == 0).all()) for row in pixels]
+    return info
 
 
-def _tied_copies(pipe: Any) -> dict[str, Any]:
+# --- what the stages hold and receive ------------------------------------------------------
+
+
+def stage_layer_types(stage: Any) -> dict[str, list[Any]]:
+    """The layer types of one stage's text model: ``view``, its own (cut) config's
+    ``layer_types``; ``modules``, each held decoder layer's ``block_type`` (Qwen3.5: which
+    token mixer it was built with; None for families without one)."""
+    text = stage.get_submodule(stage.adapter.text_model_path)
+    return {
+        "view": list(getattr(text.config, "layer_types", None) or []),
+        "modules": [getattr(layer, "block_type", None) for layer in text.layers],
+    }
+
+
+class Received:
+    """Forward pre-hooks on this rank's stage modules: per stage, per microbatch, how many
+    positional tensors it got, and the largest carried per-layer feature (inputs after
+    hidden, position ids and the media-position mask, for stages after the first)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.calls: dict[int, list[dict[str, Any]]] = {}
+        self.handles = [
+            stage.register_forward_pre_hook(self._hook(stage), with_kwargs=True)
+            for stage in pipe.stages
+        ]
+
+    def _hook(self, stage: Any) -> Any:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            lead = 2 if stage.adapter.sends_position_ids else 1
+            carried = args[lead + 1 :] if not stage.is_first else ()
+            self.calls.setdefault(stage.stage_index, []).append(
+                {
+                    "n_args": len(args),
+                    "n_carried": len(carried),
+                    "carried_max": [largest([t.detach()]) for t in carried],
+                }
+            )
+
+        return hook
+
+    def remove(self) -> dict[str, list[dict[str, Any]]]:
+        for handle in self.handles:
+            handle.remove()
+        return {str(index): calls for index, calls in self.calls.items()}
+
+
+# --- what the reference shows to matter ------------------------------------------------------
+
+
+def tied_copies(pipe: Any) -> dict[str, Any]:
     """Whether this rank's embedding copy and the LM head copy are equal, bit for bit: the
     same Parameter when both stages are local, else compared through an all_gather."""
     named = dict(pipe.named_parameters(remove_duplicate=False))
@@ -265,21 +404,6 @@ def _tied_copies(pipe: Any) -> dict[str, Any]:
     if EMBED in named and HEAD in named:
         return {"copies_equal": named[EMBED] is named[HEAD], "shared": named[EMBED] is named[HEAD]}
     return {}
-
-
-def new_model(config: Any) -> Any:
-    """The case's random model. Gemma3's projector weight starts at zero, which would make
-    every vision-tower gradient zero and the vision half of the check vacuous: it gets small
-    random values from its own seeded generator instead."""
-    import transformers
-
-    model = transformers.AutoModelForImageTextToText.from_config(config)
-    if config.model_type == "gemma3":
-        weight = model.model.multi_modal_projector.mm_input_projection_weight
-        generator = torch.Generator().manual_seed(MODEL_SEED)
-        with torch.no_grad():
-            weight.copy_(0.02 * torch.randn(weight.shape, generator=generator))
-    return model
 
 
 def mask_effect(
@@ -300,15 +424,42 @@ def mask_effect(
     return {"loss": abs(loss.item() - ref_loss), "grad": grad}
 
 
-def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
-    """Build, step and compare; the per-rank result of ``case``."""
+def deepstack_off_loss(reference: Any, batch: dict[str, torch.Tensor]) -> float:
+    """The unsplit model's loss with deepstack switched off: its text model's
+    ``_deepstack_process`` returns the hidden states unchanged (patched on this one instance,
+    in this worker only, and removed again). What a pipeline that lost the carried features
+    would be near."""
+    text = reference.model.language_model
+
+    def unchanged(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+    text._deepstack_process = unchanged
+    try:
+        with torch.no_grad():
+            return reference(**batch).loss.item()
+    finally:
+        del text._deepstack_process
+
+
+# --- one case ----------------------------------------------------------------------------
+
+
+def new_model(config: Any) -> Any:
+    """The case's random model, with the family fixture's ``make_checkable`` applied."""
     import transformers
 
-    from pp_media._cli.tiny_models import tiny_config
-    from pp_media._hf.families import adapter_for
-    from pp_media._hf.pipeline import build_vlm_pipeline
+    from pp_media.testing import fixture_for
 
-    config = tiny_config(case.model_type, num_layers=case.num_layers, tie_word_embeddings=case.tied)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    fixture_for(config.model_type).make_checkable(model, MODEL_SEED)
+    return model
+
+
+def build(rank: int, case: Case, config: Any, workdir: str) -> tuple[Any, Any]:
+    """The reference model and the pipeline's source (a model, or a checkpoint directory)."""
+    import transformers
+
     torch.manual_seed(MODEL_SEED)
     if case.checkpoint:
         path = Path(workdir, case.key.replace("/", "_"))
@@ -316,27 +467,27 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
             new_model(config).save_pretrained(path)
         dist.barrier()
         reference = transformers.AutoModelForImageTextToText.from_pretrained(path)
-        source: Any = str(path)
-    else:
-        source = new_model(config)
-        source.train()
-        reference = copy.deepcopy(source)
+        reference.train()
+        return reference, str(path)
+    source = new_model(config)
+    source.train()
+    reference = copy.deepcopy(source)
     reference.train()
-    pipe = build_vlm_pipeline(
-        source,
-        schedule=case.schedule,
-        n_microbatches=N_MICROBATCHES,
-        layers_per_stage=case.layers_per_stage,
-        device="cpu",
-    )
+    return reference, source
 
+
+def describe_pipe(pipe: Any, reference: Any, config: Any) -> dict[str, Any]:
+    """What this rank holds: stages, their layers and layer types, parameter names."""
     full = dict(reference.named_parameters(remove_duplicate=False))
     named = dict(pipe.named_parameters(remove_duplicate=False))
-    result: dict[str, Any] = {
-        "case": asdict(case),
+    return {
         "stages": [stage.stage_index for stage in pipe.stages],
-        "stage_layers": [list(stage.layer_indices) for stage in pipe.stages],
+        "stage_layers": {str(s.stage_index): list(s.layer_indices) for s in pipe.stages},
+        "first_layers": {str(s.stage_index): s.first_layer for s in pipe.stages},
+        "stage_layer_types": {str(s.stage_index): stage_layer_types(s) for s in pipe.stages},
         "layer_types": getattr(config.get_text_config(), "layer_types", None),
+        "n_layers": config.get_text_config().num_hidden_layers,
+        "has_first_stage": pipe.has_first_stage,
         "has_last_stage": pipe.has_last_stage,
         "names": sorted(named),
         "full_names": sorted(full),
@@ -345,37 +496,59 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
         "tied_active": pipe.tied.active,
         "reference_tied": reference.get_output_embeddings().weight
         is reference.get_input_embeddings().weight,
+    }
+
+
+def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
+    """Build, step and compare; the per-rank result of ``case``."""
+    from pp_media._hf.families import adapter_for
+    from pp_media._hf.pipeline import build_vlm_pipeline
+    from pp_media.testing import tiny_config
+
+    config = tiny_config(case.model_type, num_layers=case.num_layers, tie_word_embeddings=case.tied)
+    adapter = adapter_for(config)
+    reference, source = build(rank, case, config, workdir)
+    pipe = build_vlm_pipeline(
+        source,
+        schedule=case.schedule,
+        n_microbatches=N_MICROBATCHES,
+        layers_per_stage=case.layers_per_stage,
+        device="cpu",
+    )
+    full = dict(reference.named_parameters(remove_duplicate=False))
+    named = dict(pipe.named_parameters(remove_duplicate=False))
+    # The vision encoder alone (``tower``: the first vision path; Gemma3's zero-initialised
+    # projector weight gets gradients even while every encoder gradient is zero), and every
+    # vision part.
+    tower = [name for name in full if name.startswith(adapter.vision_paths[0] + ".")]
+    vision = [
+        name
+        for name in full
+        if any(name == path or name.startswith(path + ".") for path in adapter.vision_paths)
+    ]
+    deepstack = [name for name in vision if ".deepstack_merger_list." in name]
+    result: dict[str, Any] = {
+        "case": asdict(case),
+        **describe_pipe(pipe, reference, config),
+        "layer_feature_count": adapter.layer_feature_count(config),
+        "vision_names": vision,
+        "deepstack_names": deepstack,
         "steps": [],
     }
-    # The vision encoder without a separate projector (Gemma3's zero-initialised projector
-    # weight gets gradients even while every vision-tower gradient is zero).
-    tower = adapter_for(config).vision_paths[0] + "."
-    vision_names = [name for name in full if name.startswith(tower)]
-    sgd = case.sgd_steps > 0
-    if sgd:
-        ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
-        optimizer = torch.optim.SGD(pipe.parameters(), lr=0.5)
+    if case.sgd_steps:
+        ref_optimizer = torch.optim.SGD(reference.parameters(), lr=SGD_LR)
+        optimizer = torch.optim.SGD(pipe.parameters(), lr=SGD_LR)
     for step in range(max(case.sgd_steps, 1)):
         batch = make_batch(config, case, case.seed + step)
-        result["batch_keys"] = sorted(batch)
-        result["media_shapes"] = {
-            name: list(value.shape) for name, value in batch.items() if "pixel" in name
-        }
-        result["placeholders"] = {
-            kind: (batch["input_ids"] == getattr(config, f"{kind}_token_id")).sum(1).tolist()
-            for kind in ("image", "video")
-            if getattr(config, f"{kind}_token_id", None) is not None
-        }
-        result["image_runs"] = placeholder_runs(batch["input_ids"], config.image_token_id)
-        if "image_sizes" in batch:
-            result["image_sizes"] = batch["image_sizes"].tolist()
-        if "token_type_ids" in batch:
-            result["token_type_ids"] = batch["token_type_ids"].tolist()
+        if step == 0:
+            result["batch"] = describe_batch(batch, config)
         ref_loss = reference(**batch).loss
         ref_loss.backward()
         ref_grads = {name: p.grad for name, p in full.items()}
         if step == 0 and "token_type_ids" in batch:
             result["mask_effect"] = mask_effect(reference, batch, ref_loss.item(), ref_grads)
+        if step == 0 and adapter.layer_feature_count(config):
+            result["deepstack_off_loss"] = deepstack_off_loss(reference, batch)
 
         pipe_batch = dict(batch)
         if case.drop_mm_token_type_ids:
@@ -383,14 +556,25 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
         if case.misroute:
             pipe_batch = misrouted(pipe_batch, config)
         before = snapshot(pipe_batch)
+        received = Received(pipe)
         loss = pipe.step(pipe_batch)
         record = compare_step(named, ref_grads, loss, ref_loss)
+        record["received"] = received.remove()
         record["batch_unchanged"] = unchanged(pipe_batch, before)
-        record["ref_vision_grad"] = largest(ref_grads[name] for name in vision_names)
-        if sgd:
+        record["compared"] = len(named)
+        # No gradient where the reference has one, even an all-zero one.
+        record["grad_none"] = [
+            name for name, p in named.items() if p.grad is None and ref_grads[name] is not None
+        ]
+        record["ref_tower_grad"] = largest(ref_grads[name] for name in tower)
+        record["ref_vision_grad"] = largest(ref_grads[name] for name in vision)
+        record["vision_grad"] = largest(named[n].grad for n in vision if n in named)
+        record["ref_deepstack_grad"] = largest(ref_grads[name] for name in deepstack)
+        record["deepstack_grad"] = largest(named[n].grad for n in deepstack if n in named)
+        if case.sgd_steps:
             record.update(step_both_and_compare(ref_optimizer, optimizer, named, full))
         if case.tied:
-            record.update(_tied_copies(pipe))
+            record.update(tied_copies(pipe))
         result["steps"].append(record)
     return result
 
@@ -398,5 +582,5 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
 def worker(rank: int, port: int, out_dir: str) -> None:
     """Entry point of one rank (``torch.multiprocessing`` spawn): every case, in order."""
     quiet_transformers()
-    runs = ((case.key, partial(run_case, rank, case, out_dir)) for case in cases())
+    runs = ((case.key, partial(run_case, rank, case, out_dir)) for case in CASES)
     run_cases_on_rank(rank, port, out_dir, runs, world_size=WORLD_SIZE)

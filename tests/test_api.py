@@ -84,23 +84,36 @@ def test_media_key_value() -> None:
     assert VLM_PP_MEDIA_KEY == "_vlm_pp_media_chunks"
 
 
-def test_media_keys_exact_tuple() -> None:
-    """``_VLM_MEDIA_KEYS`` is exactly these 12 processor fields, in this order."""
-    assert _VLM_MEDIA_KEYS == (
-        "pixel_values",
-        "patch_pixel_values",
-        "num_patches",
-        "patch_newline_mask",
-        "image_grid_hws",
-        "image_grid_thw",
-        "image_sizes",
-        "image_position_ids",
-        "n_images_per_sample",
-        "pixel_values_videos",
-        "video_grid_thw",
-        "n_videos_per_sample",
-    )
+#: One batch group per layout, together carrying every media field a processor may emit.
+MEDIA_FIELD_GROUPS = {
+    "qwen images": mb.qwen_images([0, 2, 1], [(1, 2, 2), (1, 1, 2), (1, 2, 1)]),
+    "qwen videos": mb.qwen_videos([1, 0, 1], [(2, 1, 1), (1, 2, 2)]),
+    "kimi": mb.kimi_images([1, 0, 2], [(1, 2), (2, 1), (1, 1)]),
+    "gemma": mb.gemma_images([1, 0, 2]),
+    "llava-next": mb.llava_next_images([1, 0, 2]),
+    "step3": mb.step3_images([0, 2, 1]),
+}
+
+
+@pytest.mark.parametrize("group", MEDIA_FIELD_GROUPS)
+def test_every_media_field_leaves_the_batch_for_the_stored_chunks(group: str) -> None:
+    """Each seed media field a batch carries (``pp_media._VLM_MEDIA_KEYS``) is taken out of
+    the batch and stored as per-microbatch chunks; the text fields stay for the engine."""
+    media = mb.combine(3, MEDIA_FIELD_GROUPS[group])
+    carried = set(_VLM_MEDIA_KEYS) & set(media.batch)
+    assert carried, f"{group} carries no media field"
+    out = prepare_vlm_media_for_pp(dict(media.batch), 3, 2)
+    assert not carried & set(out), f"left in the batch: {sorted(carried & set(out))}"
+    assert carried <= set(_media(out))
+    assert {"input_ids", "attention_mask", "labels"} <= set(out)
+
+
+def test_the_layouts_cover_every_seed_media_field() -> None:
+    """Every field of the seed's ``_VLM_MEDIA_KEYS`` is exercised by one of the layouts
+    above, so the test before shows each of them leaving the batch."""
+    covered = set().union(*(mb.combine(3, g).batch for g in MEDIA_FIELD_GROUPS.values()))
     assert isinstance(_VLM_MEDIA_KEYS, tuple)
+    assert set(_VLM_MEDIA_KEYS) <= covered, sorted(set(_VLM_MEDIA_KEYS) - covered)
 
 
 def test_collate_side_names_are_public() -> None:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pp_media._cli.main import main
-from pp_media._cli.tiny_models import tiny_model_types
+from pp_media.testing import tiny_model_types
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,7 +55,7 @@ def test_default_demo_passes() -> None:
 def test_demo_from_a_saved_checkpoint_with_a_small_vocabulary(tmp_path: Path) -> None:
     """A checkpoint whose vocabulary has 300 tokens (placeholders 290-293): the demo's
     synthetic text used to draw ids up to 899, and the embedding raised IndexError."""
-    from pp_media._cli.tiny_models import tiny_config
+    from pp_media.testing import tiny_config
 
     torch.manual_seed(3)
     config = tiny_config("qwen2_vl", tie_word_embeddings=True)

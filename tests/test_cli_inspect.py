@@ -19,10 +19,16 @@ from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunk
 
 from pp_media._cli.inspect_batch import best_fit_counts
 from pp_media._cli.main import main
-from pp_media._cli.synthetic import default_seq_len, synthetic_batch
-from pp_media._cli.tiny_models import IMAGE_TOKEN, VIDEO_TOKEN, tiny_config, tiny_model_types
 from pp_media._hf.batch import prepare_step_inputs
 from pp_media._hf.families import adapter_for
+from pp_media.testing import (
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    default_seq_len,
+    synthetic_batch,
+    tiny_config,
+    tiny_model_types,
+)
 
 QWEN = tiny_config("qwen2_vl")
 #: What a new user's shell gives: the venv's console script beside its python.

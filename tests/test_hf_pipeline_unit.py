@@ -10,13 +10,16 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from pp_media._cli.synthetic import default_seq_len, synthetic_batch  # noqa: E402
-from pp_media._cli.tiny_models import tiny_config  # noqa: E402
 from pp_media._hf.batch import prepare_step_inputs  # noqa: E402
 from pp_media._hf.families import LlavaAdapter, adapter_for, supported_model_types  # noqa: E402
 from pp_media._hf.partition import plan_stages  # noqa: E402
 from pp_media._hf.pipeline import VLMPipeline, build_vlm_pipeline, check_partition  # noqa: E402
 from pp_media._hf.pruning import prune_to_stage  # noqa: E402
+from pp_media.testing import (  # noqa: E402
+    default_seq_len,
+    synthetic_batch,
+    tiny_config,
+)
 
 
 def _views(model: torch.nn.Module, adapter: object, n_stages: int = 2) -> list[torch.nn.Module]:

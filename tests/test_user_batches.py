@@ -12,12 +12,19 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from pp_media._cli.synthetic import default_seq_len, synthetic_batch, text_token_ids  # noqa: E402
-from pp_media._cli.tiny_models import IMAGE_TOKEN, tiny_config, tiny_model_types  # noqa: E402
 from pp_media._hf.batch import prepare_step_inputs, reference_batch  # noqa: E402
 from pp_media._hf.dtypes import resolve_dtype  # noqa: E402
 from pp_media._hf.families import adapter_for  # noqa: E402
 from pp_media._hf.pipeline import build_vlm_pipeline  # noqa: E402
+from pp_media.testing import (  # noqa: E402
+    IMAGE_TOKEN,
+    builds_videos,
+    default_seq_len,
+    synthetic_batch,
+    text_token_ids,
+    tiny_config,
+    tiny_model_types,
+)
 
 #: Batch fields that are text, or the pixels themselves.
 _TEXT = {"input_ids", "labels", "attention_mask", "mm_token_type_ids", "token_type_ids"}
@@ -27,10 +34,7 @@ _TEXT = {"input_ids", "labels", "attention_mask", "mm_token_type_ids", "token_ty
 def _cached_family_batch(model_type: str) -> tuple[object, dict[str, torch.Tensor]]:
     config = tiny_config(model_type)
     adapter = adapter_for(config)
-    videos = len(adapter.media) > 1 and model_type not in ("glm4v",)
-    from pp_media._cli.synthetic import builds_videos
-
-    videos = videos and builds_videos(config)
+    videos = len(adapter.media) > 1 and model_type != "glm4v" and builds_videos(config)
     seq_len = default_seq_len(config, videos=videos)
     return config, synthetic_batch(config, 6, seq_len, seed=3, videos=videos)
 

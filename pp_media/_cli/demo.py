@@ -63,7 +63,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _batch(config: Any, plan: DemoPlan, step: int) -> dict[str, torch.Tensor]:
-    from pp_media._cli.synthetic import synthetic_batch
+    from pp_media.testing import synthetic_batch
 
     return synthetic_batch(
         config, plan.batch_size, plan.seq_len, seed=plan.seed * 100_003 + step, videos=plan.videos
@@ -76,9 +76,15 @@ def _optimizer(params: Any, plan: DemoPlan) -> torch.optim.Optimizer:
 
 def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
     """Validate the options and make the checkpoint the runs load; one-line errors."""
-    from pp_media._cli.synthetic import builds_videos, default_seq_len, text_token_ids
-    from pp_media._cli.tiny_models import tiny_config, tiny_model_types
     from pp_media._hf.families import adapter_for
+    from pp_media.testing import (
+        builds_videos,
+        default_seq_len,
+        fixture_for,
+        text_token_ids,
+        tiny_config,
+        tiny_model_types,
+    )
 
     if args.schedule.lower() not in {name.lower() for name in SCHEDULE_NAMES}:
         raise DemoError(
@@ -131,7 +137,7 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
         text_token_ids(config)
     except ValueError as error:
         raise DemoError(f"--model: {str(error).removeprefix('pp_media: ')}") from None
-    if args.videos and not adapter.mixes_images_and_videos:
+    if args.videos and not fixture_for(config.model_type).mixes_images_and_videos:
         raise DemoError(
             f"--videos: {config.model_type} cannot take images and videos in one forward "
             "(a limit of the unsplit model in transformers), and the demo's batches mix them"

@@ -312,7 +312,7 @@ def _first_line(error: BaseException) -> str:
 
 def load_config(model: str) -> tuple[Any, FamilyAdapter]:
     """``--model``: a tiny model type, or a checkpoint directory with a config.json."""
-    from pp_media._cli.tiny_models import tiny_config, tiny_model_types
+    from pp_media.testing import tiny_config, tiny_model_types
 
     if Path(model).is_dir():
         if not (Path(model) / "config.json").is_file():
@@ -362,7 +362,7 @@ def load_batch(path: str) -> dict[str, torch.Tensor]:
 def _synthetic(
     config: Any, adapter: FamilyAdapter, args: argparse.Namespace
 ) -> dict[str, torch.Tensor]:
-    from pp_media._cli.synthetic import default_seq_len, synthetic_batch
+    from pp_media.testing import default_seq_len, synthetic_batch
 
     if args.videos and not any(kind.name == "video" for kind in adapter.media):
         raise InspectError(f"--videos needs a family with videos; {config.model_type} has none")

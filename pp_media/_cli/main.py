@@ -7,8 +7,8 @@ import math
 import sys
 from collections.abc import Sequence
 
-from pp_media._cli.tiny_models import tiny_model_types
 from pp_media._hf.partition import SCHEDULE_NAMES
+from pp_media.testing import tiny_model_types
 
 DTYPES = ("float32", "bfloat16", "float16")
 #: Top-level modules of the ``hf`` extra, named when one is missing.

@@ -25,7 +25,7 @@ from pp_media._keys import VLM_PP_MEDIA_KEY
 
 #: Per-sample text fields a step passes to the stages (plus the family's ``stage_fields``);
 #: other batch keys are not model inputs.
-TEXT_FIELDS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
+TEXT_FIELDS = ("input_ids", "attention_mask", "labels")
 
 
 @dataclass
@@ -182,23 +182,14 @@ def check_required_fields(batch: Mapping[str, Any], adapter: FamilyAdapter, conf
                 )
 
 
-def derived_fields(
-    batch: Mapping[str, Any], adapter: FamilyAdapter, config: Any, has_media: bool
-) -> dict[str, torch.Tensor]:
-    """Model inputs a step derives when the batch lacks them: Qwen-VL's
-    ``mm_token_type_ids`` (from the placeholder tokens) for a batch with media."""
-    if adapter.needs_mm_token_type_ids and has_media and batch.get("mm_token_type_ids") is None:
-        return {"mm_token_type_ids": adapter.token_type_ids(config, batch["input_ids"])}
-    return {}
-
-
 def reference_batch(
     batch: Mapping[str, Any], adapter: FamilyAdapter, config: Any
 ) -> dict[str, Any]:
     """``batch`` as the unsplit model takes it, so that ``model(**reference_batch(...)).loss``
-    is the loss a pipeline step computes: the fields a step derives added, the per-sample
-    counts (``n_images_per_sample``, ...), which only align media, left out. A new dict; the
-    tensors are the batch's own."""
+    is the loss a pipeline step computes: the fields a step derives added (the family's
+    ``step_fields``: Qwen-VL's ``mm_token_type_ids``), the per-sample counts
+    (``n_images_per_sample``, ...), which only align media, left out. A new dict; the tensors
+    are the batch's own or derived."""
     if VLM_PP_MEDIA_KEY in batch:
         raise ValueError(
             f"pp_media: the batch's media were already split into '{VLM_PP_MEDIA_KEY}'; build "
@@ -209,7 +200,7 @@ def reference_batch(
     counts = {kind.count_field for kind in adapter.media}
     inputs = {name: value for name, value in batch.items() if name not in counts}
     has_media = any(batch.get(kind.pixel_field) is not None for kind in adapter.media)
-    inputs.update(derived_fields(batch, adapter, config, has_media))
+    inputs.update(adapter.step_fields(config, batch, has_media))
     return inputs
 
 
@@ -249,16 +240,11 @@ def prepare_step_inputs(
     media = adapter.stage_media(config, media)
     check_placeholders(input_ids, media, adapter, config, n_microbatches)
 
-    work.update(derived_fields(work, adapter, config, has_media))
-    fields = (*TEXT_FIELDS, *adapter.stage_fields)
-    text = {name: work[name] for name in fields if work.get(name) is not None}
-    if not has_media:
-        # The unsplit model computes M-RoPE positions only for batches with media.
-        text.pop("mm_token_type_ids", None)
+    text = {name: work[name] for name in TEXT_FIELDS if work.get(name) is not None}
+    text.update(adapter.step_fields(config, work, has_media))
     label_tokens = count_label_tokens(text["labels"])
-    pad_to_even_microbatches(text, batch_size, n_microbatches, keys=fields)
-    step_fields = ("attention_mask", "mm_token_type_ids", *adapter.stage_fields)
-    kwargs = {name: text[name] for name in step_fields if name in text}
+    pad_to_even_microbatches(text, batch_size, n_microbatches, keys=tuple(text))
+    kwargs = {name: value for name, value in text.items() if name not in ("input_ids", "labels")}
     return StepInputs(text["input_ids"], text["labels"], label_tokens, media, kwargs)
 
 

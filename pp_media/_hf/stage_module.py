@@ -105,7 +105,6 @@ class VLMStage(nn.Module):
         self,
         *inputs: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        mm_token_type_ids: torch.Tensor | None = None,
         **kwargs: torch.Tensor,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Stage 0: ``(input_ids,)`` plus its microbatch's media as keyword arguments; later
@@ -121,9 +120,7 @@ class VLMStage(nn.Module):
             hidden, visual_mask, carried = self._embed(input_ids, kwargs)
             if adapter.sends_position_ids:
                 base = self.get_submodule(adapter.base_model_path)
-                position_ids = adapter.position_ids(
-                    base, input_ids, attention_mask, mm_token_type_ids, kwargs
-                )
+                position_ids = adapter.position_ids(base, input_ids, attention_mask, fields, kwargs)
         else:
             hidden, *rest = inputs
             if adapter.sends_position_ids:

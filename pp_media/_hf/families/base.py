@@ -31,8 +31,6 @@ class MediaKind:
     features_method: str
     #: Media fields passed to ``features_method`` by keyword, besides ``pixel_field``.
     feature_fields: tuple[str, ...] = ()
-    #: Value of ``mm_token_type_ids`` at this kind's placeholders (Qwen-VL: image 1, video 2).
-    token_type: int = 1
     #: Dim 0 of the pixels counts samples, each padded to the batch's most items (Idefics3).
     rows_per_sample: bool = False
     #: Batch fields that must come with ``pixel_field`` (the placeholder rule or the feature
@@ -58,7 +56,6 @@ VIDEOS = MediaKind(
     token_id_attr="video_token_id",
     count_field="n_videos_per_sample",
     features_method="get_video_features",
-    token_type=2,
 )
 
 
@@ -84,18 +81,9 @@ class FamilyAdapter:
     media: tuple[MediaKind, ...] = ()
     #: Stage 0 computes position ids and sends them downstream with the hidden states.
     sends_position_ids: bool = False
-    #: The image processor takes the images grouped by sample (LLaVA-OneVision counts them).
-    images_by_sample: bool = False
-    #: Images every sample carries when the layout fixes it (Step3: one), else None.
-    images_per_sample: int | None = None
-    #: Stage 0 needs ``mm_token_type_ids`` (Qwen-VL's M-RoPE); derived when the batch lacks it.
-    needs_mm_token_type_ids: bool = False
-    #: Each video frame has its own placeholder run after a timestamp (Qwen3-VL, GLM-4V).
-    video_frames_separately: bool = False
-    #: Whether the unsplit model accepts images and videos in one forward.
-    mixes_images_and_videos: bool = True
     #: Per-sample batch fields that every stage receives for its own microbatch (split by the
-    #: engine as step keyword arguments), besides ``attention_mask``.
+    #: engine as step keyword arguments), besides ``attention_mask``; ``step_fields`` picks
+    #: them out of the batch.
     stage_fields: tuple[str, ...] = ()
 
     def token_id(self, config: Any, kind: MediaKind) -> int:
@@ -140,10 +128,11 @@ class FamilyAdapter:
         base_model: nn.Module,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        mm_token_type_ids: torch.Tensor | None,
+        fields: Mapping[str, torch.Tensor],
         media: Mapping[str, torch.Tensor],
     ) -> torch.Tensor | None:
-        """Position ids stage 0 sends downstream (only when ``sends_position_ids``)."""
+        """Position ids stage 0 sends downstream (only when ``sends_position_ids``), from the
+        microbatch's tokens, ``stage_fields`` and media."""
         return None
 
     def core_layout(self, batch: dict[str, Any]) -> None:
@@ -175,9 +164,10 @@ class FamilyAdapter:
         ``n_images_per_sample``): LLaVA-OneVision's per-microbatch ``batch_num_images``."""
         return media
 
-    def token_type_ids(self, config: Any, input_ids: torch.Tensor) -> torch.Tensor:
-        """``mm_token_type_ids`` from the placeholders, for collates that do not emit them."""
-        types = torch.zeros_like(input_ids, dtype=torch.int32)
-        for kind in self.media:
-            types.masked_fill_(input_ids == self.token_id(config, kind), kind.token_type)
-        return types
+    def step_fields(
+        self, config: Any, batch: Mapping[str, Any], has_media: bool
+    ) -> dict[str, torch.Tensor]:
+        """The ``stage_fields`` of one collated batch, as every stage gets them (``has_media``:
+        whether the batch carries any media); a family derives here what its collates may
+        leave out. Default: those the batch has."""
+        return {name: batch[name] for name in self.stage_fields if batch.get(name) is not None}

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pp_media._hf.families.base import IMAGES, FamilyAdapter, MediaKind
+from pp_media._hf.families.registry import family
 
 
 def _mask_arguments(
@@ -32,6 +33,7 @@ def _rows(media: Mapping[str, torch.Tensor], per_row: int) -> torch.Tensor:
     return torch.full((media["pixel_values"].shape[0],), per_row, dtype=torch.int64)
 
 
+@family
 class Gemma3Adapter(FamilyAdapter):
     """``mm_tokens_per_image`` placeholders per row of ``pixel_values`` (images without
     pan-and-scan crops). Image blocks attend bidirectionally (``token_type_ids`` 1), in full
@@ -65,6 +67,7 @@ class Gemma3Adapter(FamilyAdapter):
         return gemma3.create_masks_for_vision_model(block_sequence_ids=blocks, **mask_kwargs)
 
 
+@family
 class PaliGemmaAdapter(FamilyAdapter):
     """``(image_size // patch_size)**2`` placeholders per image; positions start at 1 (sent
     from stage 0); the prefix (``token_type_ids`` 0) attends bidirectionally."""
@@ -86,7 +89,7 @@ class PaliGemmaAdapter(FamilyAdapter):
         base_model: nn.Module,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        mm_token_type_ids: torch.Tensor | None,
+        fields: Mapping[str, torch.Tensor],
         media: Mapping[str, torch.Tensor],
     ) -> torch.Tensor:
         return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) + 1

@@ -12,6 +12,7 @@ from torch import nn
 
 from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
+from pp_media._hf.families.registry import family
 
 IMAGES = replace(base.IMAGES, feature_fields=("pixel_attention_mask",), rows_per_sample=True)
 
@@ -21,6 +22,7 @@ def _real_crops(pixel_values: torch.Tensor) -> torch.Tensor:
     return ~(pixel_values == 0).flatten(2).all(-1)
 
 
+@family
 class Idefics3Adapter(FamilyAdapter):
     """Every real crop (a tile, or the global image) gives ``image_seq_len`` placeholders:
     ``(image_size // patch_size)**2 / scale_factor**2``. A microbatch of text-only samples

@@ -11,6 +11,7 @@ import torch
 
 from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
+from pp_media._hf.families.registry import family
 
 #: ``InternVLProcessor`` pops ``num_patches``; the collate puts it back for the tile split.
 IMAGES = replace(base.IMAGES, requires=("num_patches",))
@@ -19,6 +20,7 @@ IMAGES = replace(base.IMAGES, requires=("num_patches",))
 TILE_GRID = "image_grid_hws"
 
 
+@family
 class InternVLAdapter(FamilyAdapter):
     """Every tile gives ``(image_size // patch_size)**2 * downsample_ratio**2`` placeholders;
     several images per sample, each with its own tile count."""

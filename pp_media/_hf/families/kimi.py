@@ -10,8 +10,10 @@ import torch
 
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
 from pp_media._hf.families.qwen_vl import _GRID, IMAGES, VIDEOS
+from pp_media._hf.families.registry import family
 
 
+@family
 class KimiK25Adapter(FamilyAdapter):
     """Placeholders per item: ``h * w // (merge_kernel_h * merge_kernel_w)`` (the model's own
     split of its features); positions are the text model's own."""

@@ -8,8 +8,10 @@ from typing import Any
 import torch
 
 from pp_media._hf.families.base import IMAGES, FamilyAdapter, MediaKind
+from pp_media._hf.families.registry import family
 
 
+@family
 class LlavaAdapter(FamilyAdapter):
     """Every image gives ``(image_size // patch_size)**2`` features (plus the CLS token with
     ``vision_feature_select_strategy="full"``); positions are the text model's own."""

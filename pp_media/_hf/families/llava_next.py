@@ -28,6 +28,7 @@ from torch import nn
 
 from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind, _flat
+from pp_media._hf.families.registry import family
 
 IMAGES = replace(base.IMAGES, feature_fields=("image_sizes",), requires=("image_sizes",))
 VIDEOS = base.VIDEOS
@@ -89,6 +90,7 @@ def _tokens(counter: Any, media: Mapping[str, Any], kind: MediaKind) -> torch.Te
     return torch.tensor(counts, dtype=torch.int64)
 
 
+@family
 class LlavaNextAdapter(FamilyAdapter):
     """Every image: a base crop plus its anyres grid, unpadded to the image's aspect ratio, one
     ``image_newline`` per row; ``get_image_features`` returns the packed per-image features."""
@@ -123,6 +125,7 @@ def batch_num_images(media: Mapping[str, torch.Tensor], kind: MediaKind) -> torc
     return derived
 
 
+@family
 class LlavaOnevisionAdapter(FamilyAdapter):
     """As LLaVA-NeXT (SigLIP, anyres with ``vision_aspect_ratio`` down-sampling), except that an
     image sharing its sample with others is one crop: ``num_image_tokens + 1`` placeholders.
@@ -138,7 +141,6 @@ class LlavaOnevisionAdapter(FamilyAdapter):
     vision_paths = ("model.vision_tower", "model.multi_modal_projector", "model.image_newline")
     media = (IMAGES, VIDEOS)
     #: The processor learns which images share a sample only from images grouped by sample.
-    images_by_sample = True
 
     def stage_media(
         self, config: Any, media: dict[str, list[torch.Tensor]]

@@ -11,10 +11,12 @@ import torch
 
 from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
+from pp_media._hf.families.registry import family
 
 IMAGES = replace(base.IMAGES, feature_fields=("image_sizes",), requires=("image_sizes",))
 
 
+@family
 class Mistral3Adapter(FamilyAdapter):
     """Placeholders per image: ``(h // (patch * merge)) * (w // (patch * merge))`` of its
     ``image_sizes`` row (the processor's ``[IMG_BREAK]`` / ``[IMG_END]`` tokens are text)."""

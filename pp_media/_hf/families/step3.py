@@ -14,6 +14,7 @@ from torch import nn
 
 from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind, _flat
+from pp_media._hf.families.registry import family
 
 IMAGES = replace(
     base.IMAGES,
@@ -36,6 +37,7 @@ def _tokens_per_view(pixels: torch.Tensor, patch_size: int) -> int:
     )
 
 
+@family
 class Step3p7Adapter(FamilyAdapter):
     """Placeholders per sample: the global view's features, then each local crop's
     (``(side // patch // 4)**2`` each, from the tensors' own sizes)."""
@@ -43,7 +45,6 @@ class Step3p7Adapter(FamilyAdapter):
     model_types = ("step3p7",)
     vision_paths = ("model.vision_model", "model.multi_modal_projector")
     media = (IMAGES,)
-    images_per_sample = 1
 
     def core_layout(self, batch: dict[str, Any]) -> None:
         for name, seed_name in _STEP3_NAMES.items():

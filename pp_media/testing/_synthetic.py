@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from pp_media._cli.tiny_models import image_processor
 from pp_media._hf.families import adapter_for
+from pp_media.testing._tiny import fixture_for, image_processor
 
 #: Image sizes (height, width) the batches draw from; all multiples of 28 (Qwen patch x merge).
 IMAGE_SIZES = ((56, 56), (56, 84), (84, 56), (112, 56), (56, 112), (84, 84))
@@ -85,15 +85,14 @@ def _merge(vision: Any) -> int:
 
 def _flat_videos(config: Any) -> bool:
     """Videos as flat patches with a ``video_grid_thw`` (Qwen-VL, Kimi-K2.5)."""
-    vision = getattr(config, "vision_config", None)
-    return hasattr(vision, "spatial_merge_size") or hasattr(vision, "merge_kernel_size")
+    return fixture_for(config.model_type).video_layout == "patches"
 
 
 def builds_videos(config: Any) -> bool:
     """Whether ``synthetic_batch(..., videos=True)`` can lay out this family's videos: flat
     patches with a ``video_grid_thw`` (Qwen-VL, Kimi-K2.5), or one ``[frames, C, H, W]`` row
     per video (LLaVA-OneVision)."""
-    return _flat_videos(config) or config.model_type == "llava_onevision"
+    return fixture_for(config.model_type).video_layout is not None
 
 
 #: Frames of every per-row video (the OneVision video processor samples a fixed count).
@@ -143,15 +142,17 @@ def synthetic_batch(
     videos: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A collated batch: ``input_ids``, ``attention_mask`` (right padding to ``seq_len``),
-    ``labels`` (-100 on padding and media tokens), the processor's media fields and, for
-    M-RoPE families, ``mm_token_type_ids``. Sample 0 is always text-only; with ``videos``,
-    every third sample also carries one video. Deterministic in ``seed``."""
+    ``labels`` (-100 on padding and media tokens), the processor's media fields and the
+    per-sample fields it emits beside ``input_ids`` (the family fixture's ``text_fields``).
+    Sample 0 is always text-only; with ``videos``, every third sample also carries one video.
+    Deterministic in ``seed``."""
     adapter = adapter_for(config)
+    fixture = fixture_for(config.model_type)
     generator = torch.Generator().manual_seed(seed)
     counts = torch.randint(0, max_images + 1, (batch_size,), generator=generator)
     counts[0] = 0
-    if adapter.images_per_sample is not None:  # layouts with a fixed count (Step3: one each)
-        counts.fill_(adapter.images_per_sample)
+    if fixture.images_per_sample is not None:  # layouts with a fixed count (Step3: one each)
+        counts.fill_(fixture.images_per_sample)
     images = [
         [
             _image(generator, *IMAGE_SIZES[int(i)])
@@ -163,8 +164,7 @@ def synthetic_batch(
     flat = [image for sample in images for image in sample]
     image_kind = adapter.media[0]
     if flat:
-        # Per-sample layouts (Idefics3) take the images grouped by sample.
-        grouped = images if image_kind.rows_per_sample or adapter.images_by_sample else flat
+        grouped = images if fixture.images_by_sample else flat
         batch.update(image_processor(config)(images=grouped, return_tensors="pt"))
     video_counts = torch.zeros(batch_size, dtype=torch.int64)
     if videos:
@@ -215,7 +215,7 @@ def synthetic_batch(
                 adapter.token_id(config, adapter.media[1]),
                 next(video_iter),
             )
-            if not adapter.video_frames_separately:
+            if not fixture.video_frames_separately:
                 row += placeholder_run(video_token, n_tokens)
                 continue
             for _ in range(frames):  # a timestamp token before each frame's own run
@@ -243,18 +243,8 @@ def synthetic_batch(
         if token is not None:
             media_tokens |= input_ids == token
     labels = input_ids.masked_fill(media_tokens | (attention_mask == 0), -100)
-    if config.model_type == "paligemma":
-        # PaliGemmaProcessor(suffix=...): the image-and-prompt prefix (token type 0) carries no
-        # labels and attends bidirectionally; the suffix (type 1) is the trained answer.
-        positions = torch.arange(seq_len).expand(batch_size, -1)
-        suffix = (positions >= torch.tensor(prefix_lengths).unsqueeze(1)) & (attention_mask == 1)
-        labels = labels.masked_fill(~suffix, -100)
-        batch["token_type_ids"] = suffix.long()
-    elif "token_type_ids" in adapter.stage_fields:
-        batch["token_type_ids"] = (input_ids == config.image_token_id).long()  # Gemma3
     batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-    if adapter.needs_mm_token_type_ids:
-        batch["mm_token_type_ids"] = adapter.token_type_ids(config, input_ids)
+    fixture.text_fields(config, batch, prefix_lengths)
     return batch
 
 

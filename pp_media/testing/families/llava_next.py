@@ -14,15 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pp_media._cli.tiny_models import _TEXT, IMAGE_TOKEN, VIDEO_TOKEN, _pil_class
+from pp_media.testing._tiny import IMAGE_TOKEN, VIDEO_TOKEN, TinyFamily, pil_processor, tiny_family
 
 #: Crop size of both processors and ``image_size`` of both vision towers.
 CROP_SIZE = 56
 PATCH_SIZE = 14
 #: (height, width) of the anyres grids the processors may choose.
 GRID_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
-
-MODEL_TYPES = ("llava_next", "llava_onevision")
 
 
 def _vision(model_type: str) -> dict[str, Any]:
@@ -37,49 +35,64 @@ def _vision(model_type: str) -> dict[str, Any]:
     }
 
 
-def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bool = False) -> Any:
-    """A small ``llava_next`` or ``llava_onevision`` config with ``num_layers`` decoder layers."""
-    import transformers
-
-    text = {**_TEXT, "num_hidden_layers": num_layers, "tie_word_embeddings": tie_word_embeddings}
-    common = {
+def _common(tie_word_embeddings: bool) -> dict[str, Any]:
+    return {
         "image_token_id": IMAGE_TOKEN,
         "image_grid_pinpoints": GRID_PINPOINTS,
         "tie_word_embeddings": tie_word_embeddings,
     }
-    if model_type == "llava_next":
+
+
+def _sizes(config: Any) -> tuple[int, list[list[int]]]:
+    """The crop size and the pinpoints of ``config``, as the processors take them."""
+    return config.vision_config.image_size, [list(p) for p in config.image_grid_pinpoints]
+
+
+@tiny_family
+class LlavaNextFamily(TinyFamily):
+    model_types = ("llava_next",)
+
+    def config(self, model_type: str, text: dict[str, Any], tie_word_embeddings: bool) -> Any:
+        import transformers
+
         return transformers.LlavaNextConfig(
             vision_config=_vision("clip_vision_model"),
             text_config={**text, "model_type": "llama"},
-            **common,
+            **_common(tie_word_embeddings),
         )
-    if model_type == "llava_onevision":
+
+    def processor(self, config: Any) -> Any:
+        size, pinpoints = _sizes(config)
+        return pil_processor("LlavaNextImageProcessor")(
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            image_grid_pinpoints=pinpoints,
+        )
+
+
+@tiny_family
+class LlavaOnevisionFamily(TinyFamily):
+    """Its processor takes the images grouped by sample (a list per sample): only then does it
+    know which images share a sample, its ``batch_num_images``. Videos: one
+    ``[frames, C, H, W]`` row each, as its video processor emits them."""
+
+    model_types = ("llava_onevision",)
+    images_by_sample = True
+    video_layout = "rows"
+
+    def config(self, model_type: str, text: dict[str, Any], tie_word_embeddings: bool) -> Any:
+        import transformers
+
         return transformers.LlavaOnevisionConfig(
             vision_config={**_vision("siglip_vision_model"), "vision_use_head": False},
             text_config={**text, "model_type": "qwen2"},
             video_token_id=VIDEO_TOKEN,
             vision_aspect_ratio="anyres_max_1",
-            **common,
+            **_common(tie_word_embeddings),
         )
-    raise ValueError(f"pp_media: no tiny LLaVA-NeXT-style config for {model_type!r}.")
 
-
-def image_processor(config: Any) -> Any:
-    """The family's image processor (PIL backend) with the config's crop size and pinpoints.
-    LLaVA-OneVision's takes the images grouped by sample (a list per sample): only then does
-    it know which images share a sample, its ``batch_num_images``."""
-    import transformers
-
-    size = config.vision_config.image_size
-    pinpoints = [list(point) for point in config.image_grid_pinpoints]
-    if config.model_type == "llava_next":
-        return _pil_class(transformers, "LlavaNextImageProcessor")(
-            size={"shortest_edge": size},
-            crop_size={"height": size, "width": size},
-            image_grid_pinpoints=pinpoints,
-        )
-    if config.model_type == "llava_onevision":
-        return _pil_class(transformers, "LlavaOnevisionImageProcessor")(
+    def processor(self, config: Any) -> Any:
+        size, pinpoints = _sizes(config)
+        return pil_processor("LlavaOnevisionImageProcessor")(
             size={"height": size, "width": size}, image_grid_pinpoints=pinpoints
         )
-    raise ValueError(f"pp_media: no image processor known for model_type {config.model_type!r}.")

@@ -1,0 +1,68 @@
+"""Stand-ins for image processors that need torchvision (not importable beside the CPU build
+of torch here): they emit the processors' fields and layout, not their resized pixel values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FlatPatchLayout:
+    """Stand-in for an image processor that needs torchvision (Kimi-K2.5's): images become
+    exactly its output layout, ``pixel_values [sum(h*w), C, patch, patch]`` (each image cut into
+    patch x patch tiles, row by row, scaled to [-1, 1]) and ``image_grid_thw`` rows
+    ``[1, h, w]`` in patches. Values differ from the real processor's resizing; the layout, which
+    is what pipelining depends on, does not."""
+
+    def __init__(self, patch_size: int) -> None:
+        self.patch_size = patch_size
+
+    def __call__(self, images: list[Any], return_tensors: str = "pt") -> dict[str, Any]:
+        import torch
+
+        patch = self.patch_size
+        pixels, grids = [], []
+        for image in images:
+            array = torch.tensor(list(image.getdata()), dtype=torch.float32)
+            height, width = image.height // patch * patch, image.width // patch * patch
+            array = array.view(image.height, image.width, 3)[:height, :width] / 127.5 - 1
+            tiles = array.view(height // patch, patch, width // patch, patch, 3)
+            pixels.append(tiles.permute(0, 2, 4, 1, 3).reshape(-1, 3, patch, patch))
+            grids.append([1, height // patch, width // patch])
+        return {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids)}
+
+
+class Step3Layout:
+    """Stand-in for Step3p7's image processor (it needs torchvision): each image becomes one
+    ``[C, S, S]`` global view, plus one ``[C, S/2, S/2]`` local crop for images that are not
+    square, with the processor's field names (``pixel_values``, ``pixel_values_local``,
+    ``num_local_patches``, ``patch_newline_masks``). Only the layout is the processor's."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def _tensor(self, image: Any, size: int) -> Any:
+        import torch
+
+        resized = image.convert("RGB").resize((size, size))
+        pixels = torch.tensor(list(resized.getdata()), dtype=torch.float32) / 127.5 - 1
+        return pixels.view(size, size, 3).permute(2, 0, 1)
+
+    def __call__(self, images: list[Any], return_tensors: str = "pt") -> dict[str, Any]:
+        import torch
+
+        images = [
+            item for entry in images for item in (entry if isinstance(entry, list) else [entry])
+        ]
+        views = [self._tensor(image, self.size) for image in images]
+        crops = [
+            self._tensor(image, self.size // 2) for image in images if image.width != image.height
+        ]
+        local = [int(image.width != image.height) for image in images]
+        return {
+            "pixel_values": torch.stack(views),
+            "pixel_values_local": torch.stack(crops)
+            if crops
+            else torch.zeros(0, 3, self.size // 2, self.size // 2),
+            "num_local_patches": torch.tensor(local),
+            "patch_newline_masks": torch.zeros(len(crops), dtype=torch.bool),
+        }
