@@ -28,18 +28,11 @@ order ("natural") and balanced by ``wrap_vlm_collate_for_pp(..., balance_media=T
   loaded machine the wall times mostly measure the other processes; the replay does not.
 
 and the ideal bound, ``max(total work / ranks, critical path)`` of the balanced batch's
-per-microbatch stage times. Then the staging overhead: the same steps through
-``step_with_media`` vs a stage 0 that reads precomputed per-microbatch media by a counter of its
-forwards (valid here: both schedules run stage 0's forwards in microbatch order) with no staging
-at all, and what the staging itself costs, timed without the model: ``step_with_media`` around a
-schedule step that does nothing, and the stage-0 wrapper around a forward that does nothing
-(end-to-end differences under 1% drown in a shared machine's noise). Then the model: one
-random order is one draw, so the replay is repeated over 200 random orders per workload with
-stage 0's time a straight line fitted to its measured times against patches and the ranks even,
-plus an extreme workload (every patch in one heavy sample per microbatch, no fixed stage-0
-cost) that bounds what balancing can gain on this pipeline. Last, the planning cost of
-``balance_microbatches`` (validation, costs, assignment, permutation; not the media copy)
-next to ``prepare_vlm_media_for_pp`` on the batches of ``bench_prepare.py``.
+per-microbatch stage times. Then the model: one random order is one draw, so the replay is
+repeated over 200 random orders per workload with stage 0's time a straight line fitted to its
+measured times against patches and the ranks even, plus an extreme workload (every patch in one
+heavy sample per microbatch, no fixed stage-0 cost) that bounds what balancing can gain on this
+pipeline. The cost of planning a balanced batch is ``bench_prepare.py``'s.
 
 The exit code is always 0: the script reports, it does not judge.
 """
@@ -56,7 +49,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -74,8 +66,7 @@ if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
 import pp_media  # noqa: E402
-from pp_media._pipeline.locate import schedule_stages  # noqa: E402
-from pp_media._pipeline.staging import MediaStaging, microbatch_media_kwargs  # noqa: E402
+from pp_media._pipeline.staging import microbatch_media_kwargs  # noqa: E402
 
 WORLD_SIZE = 2
 BATCH, MICROBATCHES, SEQ = 160, 16, 32
@@ -180,15 +171,13 @@ class Vision(nn.Module):
 
 
 class FirstStage(nn.Module):
-    """Embeddings, the vision tower and some blocks. ``precomputed``: media by forward count."""
+    """Embeddings, the vision tower and some blocks."""
 
     def __init__(self, n_blocks: int, vision_width: int) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, HIDDEN)
         self.vision = Vision(vision_width)
         self.blocks = nn.ModuleList(Block() for _ in range(n_blocks))
-        self.precomputed: list[dict[str, torch.Tensor]] | None = None
-        self.forwards = 0
 
     def forward(
         self,
@@ -196,10 +185,6 @@ class FirstStage(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.precomputed is not None:
-            media = self.precomputed[self.forwards]
-            self.forwards += 1
-            pixel_values, image_grid_thw = media.get("pixel_values"), media.get("image_grid_thw")
         hidden = self.embed(input_ids)
         if pixel_values is not None:
             images = self.vision(pixel_values, image_grid_thw)
@@ -336,31 +321,17 @@ class Pipeline:
                 stages, MICROBATCHES, loss_fn=self.loss, scale_grads=False
             )
 
-    def step(self, batch: dict[str, Any], staged: bool = True) -> tuple[float, float]:
-        """One step between two barriers: (wall seconds, this rank's thread CPU seconds)."""
+    def step(self, batch: dict[str, Any]) -> float:
+        """One step between two barriers: wall seconds."""
         self.loss.total = int((batch["labels"] != -100).sum())
         media = batch[pp_media.VLM_PP_MEDIA_KEY]
         args = (batch["input_ids"],) if self.first else ()
         target = batch["labels"] if self.last else None
-        first = self.modules[0] if self.first else None
-        if not staged and isinstance(first, FirstStage):
-            first.precomputed = [
-                microbatch_media_kwargs({name: chunks[k] for name, chunks in media.items()})
-                for k in range(MICROBATCHES)
-            ]
-            first.forwards = 0
         dist.barrier()
-        start, cpu = time.perf_counter(), time.thread_time()
-        if staged:
-            pp_media.step_with_media(self.schedule, *args, media=media, target=target, losses=[])
-        else:
-            self.schedule.step(*args, target=target, losses=[])
-        cpu = time.thread_time() - cpu
+        start = time.perf_counter()
+        pp_media.step_with_media(self.schedule, *args, media=media, target=target, losses=[])
         dist.barrier()
-        elapsed = time.perf_counter() - start
-        if isinstance(first, FirstStage):
-            first.precomputed = None
-        return elapsed, cpu
+        return time.perf_counter() - start
 
     def stage_times(
         self, batches: dict[str, dict[str, Any]], reps: int
@@ -399,65 +370,6 @@ class Pipeline:
         return one_f_one_b_actions(rank)
 
 
-def staging_runs(pipe: Pipeline, batch: dict[str, Any], reps: int) -> dict[str, Any]:
-    """Interleaved steps through ``step_with_media`` and with precomputed media (no staging),
-    then what the staging itself costs, measured without the model (``staging_cost``)."""
-    runs: dict[str, Any] = {"staged": [], "precomputed": []}
-    for _ in range(reps):
-        runs["staged"].append(pipe.step(batch, staged=True))
-        runs["precomputed"].append(pipe.step(batch, staged=False))
-    if pipe.first:
-        runs["per_step"], runs["per_forward"] = staging_cost(pipe, batch)
-    return runs
-
-
-def staging_cost(pipe: Pipeline, batch: dict[str, Any], reps: int = 300) -> tuple[float, float]:
-    """Seconds that staging adds per step around the schedule, and per stage-0 forward.
-
-    Per step: ``step_with_media`` around a ``schedule.step`` that does nothing (locating the
-    stages, installing and removing the wrappers). Per forward: the stage-0 wrapper around a
-    ``forward_one_chunk`` that does nothing, minus calling that directly. Both are the best
-    of three timed loops of ``reps`` iterations.
-    """
-    schedule = pipe.schedule
-    stage = next(stage for stage in schedule_stages(schedule) if stage.is_first)
-    media = batch[pp_media.VLM_PP_MEDIA_KEY]
-    ids = torch.tensor_split(batch["input_ids"], MICROBATCHES)
-
-    def noop(*args: Any, **kwargs: Any) -> None:
-        return None
-
-    def best(run: Callable[[], None]) -> float:
-        loops = []
-        for _ in range(3):
-            start = time.perf_counter()
-            for _ in range(reps):
-                run()
-            loops.append((time.perf_counter() - start) / reps)
-        return min(loops)
-
-    def forwards() -> None:
-        for k in range(MICROBATCHES):
-            stage.forward_one_chunk(k, (ids[k],), {})
-
-    schedule.step = noop  # type: ignore[method-assign]
-    try:
-        per_step = best(
-            lambda: pp_media.step_with_media(schedule, ids[0], media=media, target=None, losses=[])
-        )
-    finally:
-        del schedule.step
-    stage.forward_one_chunk = noop  # type: ignore[method-assign]
-    try:
-        bare = best(forwards)
-        staged = {pp_media.VLM_PP_MEDIA_KEY: media}
-        with MediaStaging(schedule, [stage.submod], staged, as_kwargs=True):
-            wrapped = best(forwards)
-    finally:
-        del stage.forward_one_chunk
-    return per_step, max(0.0, wrapped - bare) / MICROBATCHES
-
-
 def worker(rank: int, port: int, out_dir: str, quick: bool, vision_width: int) -> None:
     """One rank: every schedule and workload; rank 0's step times, both ranks' stage times."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -465,7 +377,6 @@ def worker(rank: int, port: int, out_dir: str, quick: bool, vision_width: int) -
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(minutes=5))
     reps = 3 if quick else 11
-    overhead_reps = 5 if quick else 30
     results: dict[str, Any] = {}
     batches = {}
     for index, workload in enumerate(WORKLOADS):
@@ -483,14 +394,12 @@ def worker(rank: int, port: int, out_dir: str, quick: bool, vision_width: int) -
                 runs: dict[str, list[float]] = {"natural": [], "balanced": []}
                 for _ in range(reps):
                     for order in runs:
-                        runs[order].append(pipe.step(batches[workload][order])[0])
+                        runs[order].append(pipe.step(batches[workload][order]))
                 results[f"{schedule}/{workload}"] = {
                     "steps": runs,
                     "stage_times": pipe.stage_times(batches[workload], 3 if quick else 7),
                     "actions": {str(rank): pipe.actions(rank)},
                 }
-            batch = batches["long_tail"]["balanced"]
-            results[f"{schedule}/overhead"] = staging_runs(pipe, batch, overhead_reps)
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
         dist.destroy_process_group()
@@ -607,50 +516,6 @@ def report(results: list[dict[str, Any]]) -> None:
                 f"{replay_bal * 1e3:>8.1f} {ideal * 1e3:>6.1f} {replay_nat / replay_bal:>7.2f} "
                 f"{ideal / replay_bal:>9.2f}"
             )
-    print()
-    print(
-        "stage-0 forward+backward CPU ms per microbatch (min / median / max), natural -> balanced"
-    )
-    for schedule in SCHEDULES:
-        for workload in WORKLOADS:
-            key = f"{schedule}/{workload}"
-            spans = []
-            for order in ("natural", "balanced"):
-                times, _ = merged(results, key, order)
-                stage0 = [sum(t) * 1e3 for t in times["0"]]
-                spans.append(
-                    f"{min(stage0):.1f} / {statistics.median(stage0):.1f} / {max(stage0):.1f}"
-                )
-            times, _ = merged(results, key, "balanced")
-            later = [
-                statistics.median(sum(t) for t in times[stage]) * 1e3
-                for stage in sorted(times)
-                if stage != "0"
-            ]
-            print(
-                f"  {schedule:<16} {workload:<10} {spans[0]:>17} -> {spans[1]:<17} "
-                f"(later stages' medians: {' / '.join(f'{t:.1f}' for t in later)})"
-            )
-    print()
-    n = len(rank0[f"{SCHEDULES[0]}/overhead"]["staged"])
-    print(
-        "staging overhead, rank 0, long_tail balanced: step_with_media vs precomputed media "
-        f"with no staging, median of {n} interleaved steps; and what staging costs, timed "
-        "without the model (per step around the schedule + per stage-0 forward x M)"
-    )
-    for schedule in SCHEDULES:
-        runs = rank0[f"{schedule}/overhead"]
-        wall = [statistics.median(t[0] for t in runs[mode]) for mode in ("staged", "precomputed")]
-        cpu = [statistics.median(t[1] for t in runs[mode]) for mode in ("staged", "precomputed")]
-        cost = runs["per_step"] + MICROBATCHES * runs["per_forward"]
-        print(
-            f"  {schedule:<16} wall {wall[0] * 1e3:.1f} vs {wall[1] * 1e3:.1f} ms "
-            f"({(wall[0] / wall[1] - 1) * 100:+.2f}%), CPU {cpu[0] * 1e3:.1f} vs "
-            f"{cpu[1] * 1e3:.1f} ms ({(cpu[0] / cpu[1] - 1) * 100:+.2f}%); staging "
-            f"{runs['per_step'] * 1e6:.0f} us + {MICROBATCHES} x "
-            f"{runs['per_forward'] * 1e6:.1f} us = {cost * 1e6:.0f} us per step = "
-            f"{cost / cpu[1] * 100:.2f}% of the step's CPU time"
-        )
 
 
 # --- the model: many random orders --------------------------------------------------------
@@ -677,24 +542,6 @@ def balanced_patches(patches: list[int]) -> list[int]:
     batch = {"input_ids": torch.zeros(BATCH, 1, dtype=torch.int64)}
     order = pp_media.balance_microbatches(batch, BATCH, MICROBATCHES, cost=torch.tensor(patches))
     return microbatch_sums([patches[i] for i in order.tolist()])
-
-
-def fit_stage0(results: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
-    """Least-squares ``time = a + b * patches`` of stage 0's forward and of its backward, over
-    the measured microbatches of both orders of one case."""
-    xs: list[float] = []
-    ys: list[tuple[float, float]] = []
-    batch_index = WORKLOADS.index(key.split("/")[1])
-    natural = make_batch(sample_patches(WORKLOADS[batch_index], random.Random(batch_index)), 0)
-    for order, balance in (("natural", False), ("balanced", True)):
-        times, _ = merged(results, key, order)
-        xs += microbatch_patches(prepared(natural, balance))
-        ys += [tuple(t) for t in times["0"]]
-    fits = []
-    for part in (0, 1):
-        slope, intercept = statistics.linear_regression(xs, [y[part] for y in ys])
-        fits.append((intercept, slope))
-    return fits
 
 
 class CaseModel(NamedTuple):
@@ -790,43 +637,6 @@ def modelled(results: list[dict[str, Any]], trials: int) -> None:
             )
 
 
-def planning_cost(quick: bool) -> None:
-    """balance_microbatches' planning (no media copy) next to prepare_vlm_media_for_pp."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_prepare
-
-    from pp_media._core import balance as balance_module
-
-    print()
-    print("planning cost (us, median; balance plan = validation, costs, assignment, permutation):")
-    print(f"  {'B / M':>10} {'prepare':>9} {'balance plan':>13} {'ratio':>6} {'copy D=1176':>12}")
-    for batch_size, n_microbatches in bench_prepare.CASES:
-        batch = bench_prepare.make_batch(batch_size, seed=batch_size)
-        plan_t, prep_t = [], []
-        for _ in range(15 if quick else 60):
-            work = {**batch.text, **batch.media}
-            start = time.perf_counter()
-            _, plan = balance_module._plan(work, batch_size, n_microbatches, None)
-            order = balance_module._permutation(plan, n_microbatches)
-            plan_t.append(time.perf_counter() - start)
-            work = {**batch.text, **batch.media}
-            start = time.perf_counter()
-            pp_media.prepare_vlm_media_for_pp(work, batch_size, n_microbatches)
-            prep_t.append(time.perf_counter() - start)
-        copy = "n/a"
-        if order is not None and batch.total_patches <= 100_000:
-            pixels = torch.randn(batch.total_patches, bench_prepare.PATCH_DIM)
-            index = torch.randperm(batch.total_patches)
-            start = time.perf_counter()
-            pixels.index_select(0, index)
-            copy = f"{(time.perf_counter() - start) * 1e6:.0f}"
-        plan_s, prep_s = statistics.median(plan_t), statistics.median(prep_t)
-        print(
-            f"  {f'{batch_size} / {n_microbatches}':>10} {prep_s * 1e6:>9.0f} "
-            f"{plan_s * 1e6:>13.0f} {plan_s / prep_s:>6.2f} {copy:>12}"
-        )
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -857,7 +667,6 @@ def main(argv: list[str] | None = None) -> int:
         ]
     report(results)
     modelled(results, 50 if args.quick else 200)
-    planning_cost(args.quick)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -11,12 +11,17 @@ and measures, interleaved (A, B, A, B, ...) to cancel drift:
 
 * A: ``pp_media.prepare_vlm_media_for_pp(batch, B, M)`` on a fresh shallow copy of the batch,
 * B: ``split_args_kwargs_into_chunks((), {input_ids, labels, attention_mask}, M)``,
+* C: the fused ``balance_and_prepare_vlm_media_for_pp`` up to moving the data: one reading and
+  host read of the batch, the default costs, the assignment, the permutation, the split offsets
+  of the permuted batch and the split's views (not the copy that applies the permutation, timed
+  once alone: ``index_select`` of the pixel rows),
 
-and prints the medians and their ratio, then the ratios as the README's markdown table. The
+and prints the medians and their ratios, then the ratios as the README's markdown table. The
 design target (DESIGN.md, invariant 4) is that preparing the media costs about as much as the
 engine's text split; this script checks ``ratio <= 0.6`` for the per-rank batch sizes people
 train with (``B < 64``, where the fixed cost per call dominates) and ``ratio <= 0.5`` for
-``B >= 64``. It reports only: the exit code is always 0.
+``B >= 64``. Balancing shares the split's reading, so what it adds to the split, ``(C - A) / A``,
+should be at most 0.5. It reports only: the exit code is always 0.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
 import pp_media  # noqa: E402
+from pp_media._core.balanced import _plan_balanced_split  # noqa: E402
+from pp_media._core.row_maps import split_group  # noqa: E402
 
 CASES: tuple[tuple[int, int], ...] = ((8, 4), (16, 4), (64, 16), (512, 64), (2048, 256))
 SEQ_LEN = 256
@@ -47,6 +54,7 @@ SMALL_TARGET_RATIO = 0.6  # B < TARGET_MIN_B: the fixed per-call cost dominates
 TARGET_RATIO = 0.5
 TARGET_MIN_B = 64
 SAMPLE_TARGET_S = 200e-6  # each timed sample runs enough calls to last at least this long
+BALANCE_TARGET = 0.5  # what balancing's planning may add to the split, relative to it
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,8 @@ class Result:
     total_patches: int
     prepare_s: float
     engine_s: float
+    balance_s: float
+    copy_s: float
     samples: int
     inner: int
 
@@ -76,6 +86,11 @@ class Result:
     def ratio(self) -> float:
         """Prepare time over engine text-split time."""
         return self.prepare_s / self.engine_s
+
+    @property
+    def balance_ratio(self) -> float:
+        """What balancing's planning adds to the split, over the split."""
+        return (self.balance_s - self.prepare_s) / self.prepare_s
 
 
 def make_batch(batch_size: int, seed: int) -> Batch:
@@ -129,6 +144,35 @@ def time_prepare(batch: Batch, batch_size: int, n_microbatches: int, inner: int)
     return elapsed
 
 
+def time_balance(batch: Batch, batch_size: int, n_microbatches: int, inner: int) -> float:
+    """Seconds for ``inner`` fused balance+split plans (C), views of the collated tensors kept
+    until the clock stops."""
+    dicts = fresh_dicts(batch, inner)
+    kept: list[Any] = [None] * inner
+    layout = pp_media.SEED_LAYOUT
+    start = time.perf_counter()
+    for i, batch_dict in enumerate(dicts):
+        _, _, _, splits = _plan_balanced_split(batch_dict, batch_size, n_microbatches, None, layout)
+        kept[i] = [split_group(r, items, rows, n_microbatches) for r, items, rows in splits]
+    elapsed = time.perf_counter() - start
+    del dicts, kept
+    return elapsed
+
+
+def time_copy(batch: Batch, batch_size: int, n_microbatches: int) -> float:
+    """Seconds for the copy that applies a balanced order to the pixel rows (once)."""
+    planned = _plan_balanced_split(
+        fresh_dicts(batch, 1)[0], batch_size, n_microbatches, None, pp_media.SEED_LAYOUT
+    )
+    pixels = batch.media["pixel_values"]
+    index = torch.randperm(pixels.shape[0])
+    if planned is None or planned[2] is None or pixels.numel() > 200_000_000:
+        return float("nan")
+    start = time.perf_counter()
+    pixels.index_select(0, index)
+    return time.perf_counter() - start
+
+
 def time_engine(batch: Batch, n_microbatches: int, inner: int) -> float:
     """Seconds for ``inner`` engine splits of the text tensors (the engine does not mutate).
 
@@ -167,19 +211,25 @@ def run_case(batch_size: int, n_microbatches: int, case_s: float, min_samples: i
     def engine(n: int) -> float:
         return time_engine(batch, n_microbatches, n)
 
+    def balance(n: int) -> float:
+        return time_balance(batch, batch_size, n_microbatches, n)
+
     est_prep, est_engine = per_call_estimate(prep), per_call_estimate(engine)
+    est_balance = per_call_estimate(balance)
     inner = max(1, round(SAMPLE_TARGET_S / min(est_prep, est_engine)))
-    per_sample = inner * (est_prep + est_engine)
+    per_sample = inner * (est_prep + est_engine + est_balance)
     samples = max(min_samples, round(case_s / per_sample))
 
     prep_times: list[float] = []
     engine_times: list[float] = []
+    balance_times: list[float] = []
     gc.collect()
     gc.disable()
     try:
         for _ in range(samples):
             prep_times.append(prep(inner) / inner)
             engine_times.append(engine(inner) / inner)
+            balance_times.append(balance(inner) / inner)
     finally:
         gc.enable()
     return Result(
@@ -189,6 +239,8 @@ def run_case(batch_size: int, n_microbatches: int, case_s: float, min_samples: i
         batch.total_patches,
         statistics.median(prep_times),
         statistics.median(engine_times),
+        statistics.median(balance_times),
+        time_copy(batch, batch_size, n_microbatches),
         samples,
         inner,
     )
@@ -198,14 +250,16 @@ def print_report(results: list[Result]) -> None:
     """The table, then the target line with a verdict per case."""
     header = (
         f"{'B':>5} {'M':>4} {'n_images':>8} {'total_patches':>13} "
-        f"{'prepare_us':>11} {'engine_us':>10} {'ratio':>7}"
+        f"{'prepare_us':>11} {'engine_us':>10} {'ratio':>7} {'balance_us':>11} "
+        f"{'(C-A)/A':>8} {'copy_us':>9}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
             f"{r.batch_size:>5} {r.n_microbatches:>4} {r.n_images:>8} {r.total_patches:>13} "
-            f"{r.prepare_s * 1e6:>11.1f} {r.engine_s * 1e6:>10.1f} {r.ratio:>7.2f}"
+            f"{r.prepare_s * 1e6:>11.1f} {r.engine_s * 1e6:>10.1f} {r.ratio:>7.2f} "
+            f"{r.balance_s * 1e6:>11.1f} {r.balance_ratio:>8.2f} {r.copy_s * 1e6:>9.0f}"
         )
     print()
     verdicts = []
@@ -217,6 +271,15 @@ def print_report(results: list[Result]) -> None:
         f"target: ratio <= {SMALL_TARGET_RATIO} for B < {TARGET_MIN_B}, <= {TARGET_RATIO} "
         "from there -> " + "; ".join(verdicts)
     )
+    balance_verdicts = [
+        f"{r.batch_size}/{r.n_microbatches}: "
+        f"{'meets' if r.balance_ratio <= BALANCE_TARGET else 'MISSES'} ({r.balance_ratio:.2f})"
+        for r in results
+    ]
+    print(
+        f"balancing's planning adds (C - A) / A <= {BALANCE_TARGET} of the split -> "
+        + "; ".join(balance_verdicts)
+    )
     sampling = ", ".join(
         f"{r.batch_size}/{r.n_microbatches}: {r.samples}x{r.inner}" for r in results
     )
@@ -225,6 +288,11 @@ def print_report(results: list[Result]) -> None:
     print("| B / M | " + " | ".join(f"{r.batch_size} / {r.n_microbatches}" for r in results) + " |")
     print("|---|" + "---|" * len(results))
     print("| prepare / engine text split | " + " | ".join(f"{r.ratio:.2f}" for r in results) + " |")
+    print(
+        "| balancing's planning added / split | "
+        + " | ".join(f"{r.balance_ratio:.2f}" for r in results)
+        + " |"
+    )
 
 
 def target_ratio(batch_size: int) -> float:

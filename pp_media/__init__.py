@@ -7,20 +7,29 @@ microbatch exactly as ``torch.distributed.pipelining`` splits the text. Step sid
 those names load transformers on first use, so ``import pp_media`` needs only torch.
 """
 
-from pp_media._core.balance import (
+from pp_media._core.balanced import (
     VLM_PP_SAMPLE_ORDER_KEY,
+    balance_and_prepare_vlm_media_for_pp,
     balance_microbatches,
-    media_cost_per_sample,
     restore_sample_order,
 )
 from pp_media._core.chunking import _select_image_grid as _select_image_grid
 from pp_media._core.chunking import chunk_step3_media, chunk_vlm_media
 from pp_media._core.counts import count_items_per_sample
 from pp_media._core.device import move_vlm_media_to_device
+from pp_media._core.media_plan import media_cost_per_sample
 from pp_media._core.padding import pad_to_even_microbatches
 from pp_media._core.prepare import prepare_vlm_media_for_pp, wrap_vlm_collate_for_pp
 from pp_media._keys import _VLM_MEDIA_KEYS as _VLM_MEDIA_KEYS
 from pp_media._keys import VLM_PP_MEDIA_KEY
+from pp_media._layouts import (
+    ONE_ROW,
+    SEED_LAYOUT,
+    CountRows,
+    GridRows,
+    MediaGroup,
+    MediaLayout,
+)
 from pp_media._pipeline.staging import current_media, stage_vlm_media_for_pp
 from pp_media._pipeline.step import step_with_media
 
@@ -46,11 +55,18 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "ONE_ROW",
+    "SEED_LAYOUT",
     "VLM_PP_MEDIA_KEY",
     "VLM_PP_SAMPLE_ORDER_KEY",
+    "CountRows",
     "FamilyAdapter",
+    "GridRows",
+    "MediaGroup",
     "MediaKind",
+    "MediaLayout",
     "VLMPipeline",
+    "balance_and_prepare_vlm_media_for_pp",
     "balance_microbatches",
     "build_vlm_pipeline",
     "chunk_step3_media",

@@ -31,7 +31,11 @@ from pp_media import (
     restore_sample_order,
 )
 from pp_media._core import balance as balance_module
+from pp_media._core import balanced as balanced_module
+from pp_media._core import media_plan
+from pp_media._core import reading as reading_module
 from pp_media._core.bounds import sample_bounds
+from pp_media._core.row_maps import split_group
 from tests.helpers import media_batches as mb
 from tests.helpers.ranks import case_results, spawn_ranks
 from tests.helpers.strategies import BatchSpec, batch_specs, build_batch, example_spec
@@ -66,8 +70,8 @@ PATHS = ((10**9, 10**9), (0, 0), (10**9, 0), (0, 10**9))
 
 def _on_path(path: tuple[int, int]) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch.object(balance_module, "_HOST_PLAN_MAX", path[0]))
-    stack.enter_context(mock.patch.object(balance_module, "_PYTHON_ROUND_MAX", path[1]))
+    stack.enter_context(mock.patch.object(media_plan, "_HOST_PLAN_MAX", path[0]))
+    stack.enter_context(mock.patch.object(media_plan, "_PYTHON_ROUND_MAX", path[1]))
     return stack
 
 
@@ -101,6 +105,47 @@ def _check_balanced_batch(spec: BatchSpec, data: Any) -> None:
     prepare_vlm_media_for_pp(batch, b, m)
     _assert_media_follow(batch, media, m)
     assert torch.equal(restore_sample_order(batch["input_ids"], order), before["input_ids"])
+
+
+@given(batch_specs(), st.data())
+def test_fused_balance_and_split_equals_the_two_in_turn(spec: BatchSpec, data: Any) -> None:
+    """One reading for both: the same order and the same chunks as balance_microbatches then
+    prepare_vlm_media_for_pp, in every layout and on every planning path."""
+    b, m = spec.batch_size, spec.n_microbatches
+    cost = data.draw(st.one_of(st.none(), st.lists(st.integers(0, 9), min_size=b, max_size=b)))
+    fused, apart = build_batch(spec).batch, build_batch(spec).batch
+    with _on_path(data.draw(st.sampled_from(PATHS))):
+        order = pp_media.balance_and_prepare_vlm_media_for_pp(fused, b, m, cost=cost)
+        assert order.tolist() == balance_microbatches(apart, b, m, cost=cost).tolist()
+    prepare_vlm_media_for_pp(apart, b, m)
+    assert fused.keys() == apart.keys()
+    for name, value in apart.items():
+        if name != VLM_PP_MEDIA_KEY:
+            assert torch.equal(fused[name], value), name
+    for name, chunks in apart[VLM_PP_MEDIA_KEY].items():
+        got = fused[VLM_PP_MEDIA_KEY][name]
+        assert [c.shape for c in got] == [c.shape for c in chunks], name
+        assert all(torch.equal(x, y) for x, y in zip(got, chunks, strict=True)), name
+
+
+@given(batch_specs(layouts=("qwen", "kimi"), videos=False), st.integers(1, 12))
+def test_the_common_layout_plans_on_a_short_path_as_the_general_one(
+    spec: BatchSpec, m: int
+) -> None:
+    """Flat images, a grid, counts: the short path's plan is the general path's."""
+    batch = build_batch(spec).batch
+    b = spec.batch_size
+    m = min(m, b)
+    layout = pp_media.SEED_LAYOUT
+    present = reading_module.present_media(batch, layout)
+    fields = reading_module.flat_counted_fields(layout, frozenset(present))
+    short = media_plan.plan_flat_counted(layout.groups[0], fields, present, b, m)
+    if short is None:  # one row per image: read as per-image rows, the general path's case
+        assert batch["pixel_values"].shape[0] == batch[fields[1]].shape[0]
+        return
+    _, general = media_plan._plan(batch, b, m, None)
+    for name in ("by_cost", "sorted_costs", "natural", "patches", "group_rows", "integer"):
+        assert getattr(short[1], name) == getattr(general, name), name
 
 
 def _reference_lpt(costs: list[float], m: int) -> float:
@@ -301,11 +346,12 @@ def test_bad_media_raise_like_the_core_and_leave_the_batch(
     make, field = BAD_MEDIA[case]
     batch = make()
     snapshot = {name: (value, value.clone()) for name, value in batch.items()}
-    with _on_path(path), pytest.raises(ValueError, match=f"'{field}'"):
-        balance_microbatches(batch, 5, 2, cost=[9, 0, 0, 0, 9])
-    assert batch.keys() == snapshot.keys()
-    for name, (value, copy) in snapshot.items():
-        assert batch[name] is value and torch.equal(value, copy), name
+    for balance in (balance_microbatches, pp_media.balance_and_prepare_vlm_media_for_pp):
+        with _on_path(path), pytest.raises(ValueError, match=f"'{field}'"):
+            balance(batch, 5, 2, cost=[9, 0, 0, 0, 9])
+        assert batch.keys() == snapshot.keys()
+        for name, (value, copy) in snapshot.items():
+            assert batch[name] is value and torch.equal(value, copy), name
     with pytest.raises(ValueError, match=f"'{field}'"):
         prepare_vlm_media_for_pp(make(), 5, 2)
 
@@ -370,16 +416,21 @@ def test_the_one_copy_read_of_an_accelerator_plans_the_same(spec: BatchSpec, pat
     the same copy as the check values), run on the CPU: the same order and costs."""
     media = build_batch(spec)
     with _on_path(path):
-        _, plan = balance_module._plan(media.batch, media.batch_size, 2, None)
+        _, plan = media_plan._plan(media.batch, media.batch_size, 2, None)
         want = balance_module._permutation(plan, 2)
-        with mock.patch.object(balance_module, "_is_host", lambda device: False):
-            _, packed = balance_module._plan(media.batch, media.batch_size, 2, None)
+        with mock.patch.object(media_plan, "_is_host", lambda device: False):
+            _, packed = media_plan._plan(media.batch, media.batch_size, 2, None)
             got = balance_module._permutation(packed, 2)
     if plan is None:
         assert packed is None
         return
     assert torch.equal(torch.as_tensor(packed.by_cost), torch.as_tensor(plan.by_cost))
     assert torch.equal(torch.as_tensor(packed.sorted_costs), torch.as_tensor(plan.sorted_costs))
+    for got_rows, want_rows in zip(packed.group_rows, plan.group_rows, strict=True):
+        for got_part, want_part in zip(got_rows, want_rows, strict=True):
+            assert (got_part is None) == (want_part is None)
+            if got_part is not None:  # the per-sample rows the split reads came in the copy
+                assert torch.equal(torch.as_tensor(got_part), torch.as_tensor(want_part))
     assert (got is None) == (want is None)
     assert got is None or torch.equal(got, want)
 
@@ -395,12 +446,20 @@ def test_planning_on_cuda_synchronises_once(path: tuple[int, int]) -> None:
     try:
         with _on_path(path), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _, plan = balance_module._plan(batch, media.batch_size, 2, None)
+            _, plan = media_plan._plan(batch, media.batch_size, 2, None)
             balance_module._permutation(plan, 2)
+        with _on_path(path), warnings.catch_warnings(record=True) as fused:
+            warnings.simplefilter("always")
+            planned = balanced_module._plan_balanced_split(
+                batch, media.batch_size, 2, None, pp_media.SEED_LAYOUT
+            )
+            for reading, items, rows in planned[3]:
+                split_group(reading, items, rows, 2)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchronizing" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    for warned in (caught, fused):  # balancing alone; balancing and the split's offsets
+        syncs = [w for w in warned if "synchronizing" in str(w.message)]
+        assert len(syncs) == 1, [str(w.message) for w in syncs]
 
 
 @pytest.mark.parametrize("key", sorted(balance_worker.CASES))

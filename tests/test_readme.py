@@ -28,6 +28,16 @@ def test_readme_example_is_the_example_script_and_its_output() -> None:
     assert printed in _readme_blocks("text")
 
 
+def test_readme_layout_example_is_the_example_script_and_its_output() -> None:
+    script = ROOT / "examples" / "describe_media_layout.py"
+    body = script.read_text().split('"""', 2)[2].lstrip("\n")
+    assert body in _readme_blocks("python")
+    printed = subprocess.run(
+        [sys.executable, str(script)], check=True, capture_output=True, text=True
+    ).stdout
+    assert printed in _readme_blocks("text")
+
+
 def test_readme_test_command_is_what_ci_runs() -> None:
     (command,) = (block.strip() for block in _readme_blocks("bash", section="Test"))
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()

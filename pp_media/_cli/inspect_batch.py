@@ -117,7 +117,6 @@ def _derive_counts(
     kind as guessed and add a note. Returns how each kind's counts were found."""
     sources: dict[str, str] = {}
     input_ids = work["input_ids"]
-    adapter.core_layout(work)
     for kind in adapter.media:
         token_id = adapter.token_id(config, kind)
         if work.get(kind.pixel_field) is None:
@@ -173,7 +172,9 @@ def inspect_batch(
         sources = _derive_counts(work, adapter, config, n_microbatches, notes, refusals, guessed)
         if any(work.get(kind.pixel_field) is not None for kind in adapter.media):
             try:
-                prepare_vlm_media_for_pp(work, batch_size, n_microbatches)
+                prepare_vlm_media_for_pp(
+                    work, batch_size, n_microbatches, layout=adapter.media_layout
+                )
             except ValueError:
                 if refusals:  # best-fit counts cannot split it either: the step's own error
                     raise refusals[0] from None

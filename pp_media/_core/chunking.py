@@ -2,16 +2,38 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Any
+
 import torch
 
-from pp_media._core.errors import check_microbatches
+from pp_media._core.bounds import sample_row_counts
+from pp_media._core.errors import check_microbatches, require_tensor
 from pp_media._core.host_read import DeferredHostRead
-from pp_media._core.row_maps import (
-    MediaGroup,
-    plan_media_group,
-    plan_patch_mapped,
-    split_flat_counted,
-)
+from pp_media._core.reading import read_media
+from pp_media._core.row_maps import Chunks, plan_media_group, split_flat_counted, split_rows
+from pp_media._layouts import GRID_IMAGES, STEP3_IMAGES, GridRows, MediaLayout
+
+#: ``chunk_step3_media``'s layout: the Step3 group whatever fields are given.
+_STEP3_LAYOUT = MediaLayout((dataclasses.replace(STEP3_IMAGES, when=()),))
+
+
+@functools.lru_cache(maxsize=32)
+def _grid_layout(grid_name: str) -> MediaLayout:
+    """``chunk_vlm_media``'s layout: images mapped by one grid named ``grid_name``."""
+    group = dataclasses.replace(GRID_IMAGES, rows=GridRows((grid_name,)), extras=(), when=())
+    return MediaLayout((group,))
+
+
+def _split(
+    present: dict[str, Any], batch_size: int, n_microbatches: int, layout: MediaLayout
+) -> Chunks:
+    """The one group of ``layout`` read, planned and split (one host read)."""
+    (reading,) = read_media(present, batch_size, layout).groups
+    reader = DeferredHostRead()
+    finish = plan_media_group(reading, n_microbatches, reader)
+    return finish(reader.read())
 
 
 def _select_image_grid(
@@ -57,17 +79,10 @@ def chunk_vlm_media(
         )
         if fast is not None:
             return fast[0], fast[1]
-    group = MediaGroup(
-        "pixel_values",
-        pixel_values,
-        grid_name,
-        image_grid,
-        "n_images_per_sample",
-        n_images_per_sample,
-    )
-    reader = DeferredHostRead()
-    finish = plan_media_group(group, batch_size, n_microbatches, reader)
-    chunks = finish(reader.read())
+    present = {"pixel_values": pixel_values, grid_name: require_tensor(grid_name, image_grid)}
+    if n_images_per_sample is not None:
+        present["n_images_per_sample"] = n_images_per_sample
+    chunks = _split(present, batch_size, n_microbatches, _grid_layout(grid_name))
     return chunks["pixel_values"], chunks[grid_name]
 
 
@@ -89,14 +104,17 @@ def chunk_step3_media(
     ``n_microbatches`` views.
     """
     check_microbatches(batch_size, n_microbatches)
-    reader = DeferredHostRead()
-    finish = plan_patch_mapped(
-        pixel_values,
-        batch_size,
-        n_microbatches,
-        reader,
-        num_patches=num_patches,
-        patch_pixel_values=patch_pixel_values,
-        patch_newline_mask=patch_newline_mask,
-    )
-    return finish(reader.read())
+    present = {"pixel_values": pixel_values}
+    for name, value in (
+        ("num_patches", num_patches),
+        ("patch_pixel_values", patch_pixel_values),
+        ("patch_newline_mask", patch_newline_mask),
+    ):
+        if value is not None:
+            present[name] = value
+    chunks = _split(present, batch_size, n_microbatches, _STEP3_LAYOUT)
+    if num_patches is None:
+        zeros = torch.zeros(batch_size, dtype=torch.int64, device=pixel_values.device)
+        chunks["num_patches"] = split_rows(zeros, sample_row_counts(batch_size, n_microbatches))
+    order = ("pixel_values", "num_patches", "patch_pixel_values", "patch_newline_mask")
+    return {name: chunks[name] for name in order if name in chunks}

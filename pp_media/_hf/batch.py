@@ -228,13 +228,12 @@ def prepare_step_inputs(
         work.get(kind.pixel_field) is not None for kind in adapter.media
     )
     if VLM_PP_MEDIA_KEY not in work and has_media:
-        adapter.core_layout(work)
         for kind in adapter.media:
             if work.get(kind.pixel_field) is not None:
                 work[kind.count_field] = _items_per_sample(
                     work, adapter, config, kind, n_microbatches
                 )
-        prepare_vlm_media_for_pp(work, batch_size, n_microbatches)
+        prepare_vlm_media_for_pp(work, batch_size, n_microbatches, layout=adapter.media_layout)
     media: dict[str, list[torch.Tensor]] = work.pop(VLM_PP_MEDIA_KEY, {})
     _check_prepared_for(media, batch_size, n_microbatches)
     media = adapter.stage_media(config, media)

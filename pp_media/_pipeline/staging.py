@@ -20,11 +20,14 @@ from torch import nn
 from torch.distributed.pipelining.stage import _PipelineStageBase
 from torch.utils.hooks import RemovableHandle
 
-from pp_media._keys import IMAGE_GRID_KEYS, IMAGE_GROUP_KEYS, VIDEO_GROUP_KEYS, VLM_PP_MEDIA_KEY
+from pp_media._keys import VLM_PP_MEDIA_KEY
+from pp_media._layouts import GRID_IMAGES, SEED_LAYOUT
 from pp_media._pipeline.locate import PipelineView, locate_pipeline
 
 _STATE_ATTR = "_pp_media_state"
 _ALIGNMENT_ONLY = frozenset({"n_images_per_sample", "n_videos_per_sample"})
+#: Every field of each pixel tensor's groups in the seed's layouts.
+_GROUP_FIELDS = SEED_LAYOUT.group_fields()
 _INDEX_ATTR = "_vlm_chunk_idx"
 
 MediaChunks = Mapping[str, Sequence[torch.Tensor]]
@@ -32,7 +35,7 @@ MediaChunks = Mapping[str, Sequence[torch.Tensor]]
 #: Attributes of the seed API on the stage-0 module, and the field each one carries.
 _COMPAT_FIELDS: dict[str, tuple[str, ...]] = {
     "_vlm_pixel_values_chunks": ("pixel_values",),
-    "_vlm_image_grid_hws_chunks": IMAGE_GRID_KEYS,
+    "_vlm_image_grid_hws_chunks": GRID_IMAGES.row_fields,
     "_vlm_num_patches_chunks": ("num_patches",),
     "_vlm_patch_pixel_values_chunks": ("patch_pixel_values",),
     "_vlm_patch_newline_mask_chunks": ("patch_newline_mask",),
@@ -92,10 +95,7 @@ def microbatch_media_kwargs(media: Mapping[str, torch.Tensor]) -> dict[str, torc
     model inputs, so they are left out too.
     """
     kwargs = {name: chunk for name, chunk in media.items() if name not in _ALIGNMENT_ONLY}
-    for primary, group in (
-        ("pixel_values", IMAGE_GROUP_KEYS),
-        ("pixel_values_videos", VIDEO_GROUP_KEYS),
-    ):
+    for primary, group in _GROUP_FIELDS.items():
         if primary in kwargs and kwargs[primary].shape[0] == 0:
             for name in group:
                 kwargs.pop(name, None)

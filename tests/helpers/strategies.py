@@ -6,10 +6,13 @@ turns it into a ``MediaBatch`` with owner-encoded media (see ``media_batches``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
 from hypothesis import strategies as st
 
+from pp_media import ONE_ROW, CountRows, GridRows, MediaGroup, MediaLayout
 from tests.helpers import media_batches as mb
 
 #: Image layouts of a collated batch ("none": no images, videos only).
@@ -213,3 +216,107 @@ def example_spec(layout: str, n_microbatches: int = 2, videos: bool = True) -> B
         video_counts=(1, 0, 0, 1, 0) if videos or layout == "none" else None,
         video_grids=((1, 1, 1), (1, 1, 2)),
     )
+
+
+# --- layouts described as data ---------------------------------------------------------------
+
+
+@dataclass
+class LayoutCase:
+    """A random ``MediaLayout`` and a batch of it: every field's rows per sample, so that the
+    expected chunk of any microbatch is the concatenation of its samples' rows."""
+
+    layout: MediaLayout
+    batch_size: int
+    n_microbatches: int
+    #: Field name -> one tensor per sample (its rows of that field, in batch order).
+    rows: dict[str, list[torch.Tensor]]
+
+    @property
+    def batch(self) -> dict[str, torch.Tensor]:
+        """A fresh batch dict (new dict, new tensors): ``input_ids[:, 0]`` is the sample."""
+        batch = {"input_ids": torch.arange(self.batch_size).view(-1, 1).repeat(1, 3)}
+        batch.update({name: torch.cat(per_sample) for name, per_sample in self.rows.items()})
+        return batch
+
+    def expected(self, name: str, samples: list[int]) -> torch.Tensor:
+        return torch.cat([self.rows[name][s] for s in samples])
+
+
+@st.composite
+def layout_cases(draw: st.DrawFn, max_batch: int = 24, max_microbatches: int = 8) -> LayoutCase:
+    """1-2 groups with random field names: items counted or one per sample (or none, beside one
+    pixel row per sample), rows per item from a grid product, a count or one, and per-item,
+    per-sample and extra fields; the values of every row name its sample."""
+    m = draw(st.integers(1, max_microbatches))
+    b = draw(st.integers(m, max(m, max_batch)))
+    groups = []
+    rows: dict[str, list[torch.Tensor]] = {}
+    for g in range(draw(st.integers(1, 2))):
+        name = f"g{g}"
+        per_sample_pixels = draw(st.booleans())
+        rows_kind = "one" if per_sample_pixels else draw(st.sampled_from(["grid", "count", "one"]))
+        counted = draw(st.booleans()) or (per_sample_pixels and draw(st.booleans()))
+        if counted:
+            counts = draw(st.lists(st.integers(0, 3), min_size=b, max_size=b))
+        else:
+            counts = [0 if per_sample_pixels else 1] * b
+        width = draw(st.integers(1, 3))
+        item_rows = [
+            [
+                draw(st.lists(st.integers(1, 2), min_size=width, max_size=width))
+                if rows_kind == "grid"
+                else draw(st.integers(1, 3))
+                if rows_kind == "count"
+                else 1
+                for _ in range(n)
+            ]
+            for n in counts
+        ]
+        per_item = tuple(f"{name}_item{i}" for i in range(draw(st.integers(0, 2))))
+        per_sample = tuple(f"{name}_sample{i}" for i in range(draw(st.integers(0, 1))))
+        extras = tuple(f"{name}_extra{i}" for i in range(draw(st.integers(0, 1))))
+        group_rows = (
+            GridRows((f"{name}_grid",))
+            if rows_kind == "grid"
+            else CountRows(f"{name}_rows")
+            if rows_kind == "count"
+            else ONE_ROW
+        )
+        groups.append(
+            MediaGroup(
+                f"{name}_pixels",
+                items=f"{name}_counts" if counted or draw(st.booleans()) else None,
+                missing_items=0 if per_sample_pixels else 1,
+                rows=group_rows,
+                pixels_per_sample=per_sample_pixels,
+                per_item=per_item,
+                item_pixels=per_item[:1],
+                per_sample=per_sample,
+                extras=extras,
+            )
+        )
+        for s in range(b):
+            n = counts[s]
+            if per_sample_pixels:
+                pixels = 1
+            elif rows_kind == "grid":
+                pixels = sum(math.prod(grid) for grid in item_rows[s])
+            elif rows_kind == "count":
+                pixels = sum(item_rows[s])
+            else:
+                pixels = n
+            owner = float(s)
+            rows.setdefault(f"{name}_pixels", []).append(torch.full((pixels, 2), owner))
+            if counted:
+                rows.setdefault(f"{name}_counts", []).append(torch.tensor([n]))
+            if rows_kind == "grid":
+                grid = torch.tensor(item_rows[s], dtype=torch.int64).view(n, width)
+                rows.setdefault(f"{name}_grid", []).append(grid)
+            if rows_kind == "count":
+                rows.setdefault(f"{name}_rows", []).append(torch.tensor(item_rows[s]).long())
+            for field in (*per_item, *extras):
+                rows.setdefault(field, []).append(torch.full((n, 1), s, dtype=torch.int32))
+            for field in per_sample:
+                rows.setdefault(field, []).append(torch.full((1, 3), owner))
+    return LayoutCase(MediaLayout(tuple(groups)), b, m, rows)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pp_media._layouts import SEED_LAYOUT, MediaLayout
+
 
 @dataclass(frozen=True)
 class MediaKind:
@@ -85,6 +87,9 @@ class FamilyAdapter:
     #: engine as step keyword arguments), besides ``attention_mask``; ``step_fields`` picks
     #: them out of the batch.
     stage_fields: tuple[str, ...] = ()
+    #: How the processor's media fields map to samples (``pp_media.MediaLayout``): the seed's
+    #: layouts, or the family's own description when its processor names fields otherwise.
+    media_layout: MediaLayout = SEED_LAYOUT
 
     def token_id(self, config: Any, kind: MediaKind) -> int:
         return int(getattr(config, kind.token_id_attr))
@@ -134,10 +139,6 @@ class FamilyAdapter:
         """Position ids stage 0 sends downstream (only when ``sends_position_ids``), from the
         microbatch's tokens, ``stage_fields`` and media."""
         return None
-
-    def core_layout(self, batch: dict[str, Any]) -> None:
-        """Rename fields, in place, into a layout the core splits (InternVL's tiles per image
-        become a ``[tiles, 1]`` grid); default: the processor's layout already is one."""
 
     def layer_mask(
         self,

@@ -1,5 +1,6 @@
 """InternVL: image tiles flat over the batch, ``[n_tiles, C, H, W]``, with ``num_patches``
-counting the tiles of each image (not the Step3-style crops per sample of the seed API)."""
+counting the tiles of each image (not the Step3-style crops per sample of the seed API): a
+layout of its own, described as data."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import torch
 from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
 from pp_media._hf.families.registry import family
+from pp_media._layouts import CountRows, MediaGroup, MediaLayout
 
 #: ``InternVLProcessor`` pops ``num_patches``; the collate puts it back for the tile split.
 IMAGES = replace(base.IMAGES, requires=("num_patches",))
-
-#: InternVL's tiles per image travel to the core as a ``[tiles, 1]`` grid: rows per item.
-TILE_GRID = "image_grid_hws"
+#: Images counted per sample, each ``num_patches`` tiles (rows of ``pixel_values``).
+TILE_LAYOUT = MediaLayout(
+    (MediaGroup("pixel_values", items="n_images_per_sample", rows=CountRows("num_patches")),)
+)
 
 
 @family
@@ -28,12 +31,7 @@ class InternVLAdapter(FamilyAdapter):
     model_types = ("internvl",)
     vision_paths = ("model.vision_tower", "model.multi_modal_projector")
     media = (IMAGES,)
-
-    def core_layout(self, batch: dict[str, Any]) -> None:
-        tiles = batch.pop("num_patches", None)
-        if tiles is not None:
-            tiles = tiles.to(torch.int64).reshape(-1, 1)
-            batch[TILE_GRID] = torch.cat((tiles, torch.ones_like(tiles)), dim=1)
+    media_layout = TILE_LAYOUT
 
     def tokens_per_item(
         self, config: Any, kind: MediaKind, media: Mapping[str, torch.Tensor]
@@ -43,8 +41,4 @@ class InternVLAdapter(FamilyAdapter):
             vision.image_size[1] // vision.patch_size[1]
         )
         per_tile = int(patches * config.downsample_ratio**2)
-        if TILE_GRID not in media:
-            layout = dict(media)
-            self.core_layout(layout)
-            media = layout
-        return media[TILE_GRID][:, 0].to(torch.int64) * per_tile
+        return media["num_patches"].to(torch.int64) * per_tile

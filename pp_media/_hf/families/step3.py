@@ -1,7 +1,7 @@
-"""Step3p7: one full (global) view per sample plus flat local crops, split by the seed API's
-Step3 path: ``pixel_values [B, C, S, S]``, ``pixel_values_local`` as ``patch_pixel_values``,
-``num_local_patches`` as ``num_patches`` (crops per sample), ``patch_newline_masks`` as
-``patch_newline_mask``. Every sample carries exactly one image."""
+"""Step3p7: one full (global) view per sample plus flat local crops, the seed API's Step3
+layout under the processor's own names, described as data: ``pixel_values [B, C, S, S]``,
+``pixel_values_local`` (crops), ``num_local_patches`` (crops per sample),
+``patch_newline_masks`` (one per crop). Every sample carries exactly one image."""
 
 from __future__ import annotations
 
@@ -15,18 +15,25 @@ from torch import nn
 from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind, _flat
 from pp_media._hf.families.registry import family
+from pp_media._layouts import STEP3_IMAGES, MediaLayout
 
 IMAGES = replace(
     base.IMAGES,
     rows_per_sample=True,
     requires_with=(("pixel_values_local", "num_local_patches"),),
 )
-#: Step3p7's processor names and the seed's Step3 names the core splits.
-_STEP3_NAMES = {
-    "pixel_values_local": "patch_pixel_values",
-    "num_local_patches": "num_patches",
-    "patch_newline_masks": "patch_newline_mask",
-}
+#: The seed's Step3 group under Step3p7's processor names.
+STEP3P7_LAYOUT = MediaLayout(
+    (
+        replace(
+            STEP3_IMAGES,
+            items="num_local_patches",
+            per_item=("pixel_values_local", "patch_newline_masks"),
+            item_pixels=("pixel_values_local",),
+            when=(),
+        ),
+    )
+)
 #: Two stride-2 downsamplers after the patch embedding.
 _DOWNSAMPLE = 4
 
@@ -45,30 +52,26 @@ class Step3p7Adapter(FamilyAdapter):
     model_types = ("step3p7",)
     vision_paths = ("model.vision_model", "model.multi_modal_projector")
     media = (IMAGES,)
-
-    def core_layout(self, batch: dict[str, Any]) -> None:
-        for name, seed_name in _STEP3_NAMES.items():
-            if name in batch:
-                batch[seed_name] = batch.pop(name)
+    media_layout = STEP3P7_LAYOUT
 
     def tokens_per_item(
         self, config: Any, kind: MediaKind, media: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
-        layout = dict(media)
-        self.core_layout(layout)
         patch = config.vision_config.patch_size
-        views = layout["pixel_values"]
+        views = media["pixel_values"]
         tokens = torch.full((views.shape[0],), _tokens_per_view(views, patch), dtype=torch.int64)
-        crops = layout.get("patch_pixel_values")
+        crops = media.get("pixel_values_local")
         if crops is not None and crops.shape[0]:
-            tokens = tokens + layout["num_patches"].to(torch.int64) * _tokens_per_view(crops, patch)
+            tokens = tokens + media["num_local_patches"].to(torch.int64) * _tokens_per_view(
+                crops, patch
+            )
         return tokens
 
     def features(
         self, base_model: nn.Module, kind: MediaKind, media: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        crops = media.get("patch_pixel_values")
-        counts = media.get("num_patches")
+        crops = media.get("pixel_values_local")
+        counts = media.get("num_local_patches")
         output = base_model.get_image_features(
             media["pixel_values"],
             crops if crops is not None and crops.shape[0] else None,
