@@ -12,9 +12,9 @@ with the image placeholders expanded, labels and an attention mask, padded to a 
 needs, so the collate expands the placeholders as the processor would: ``t*h*w // merge**2``
 image tokens per image, between the vision start and end tokens.)
 
-Before training, the last stage's rank evaluates a held-out batch forward-only and compares it
-with the unsplit model's ``model(**pipe.reference_batch(batch)).loss``; each training step's
-loss then reaches every rank through ``pipe.broadcast_loss``.
+Before training, the pipeline evaluates a held-out batch forward-only, and rank 0 compares that
+loss with the unsplit model's ``model(**pipe.reference_batch(batch)).loss``; every loss reaches
+every rank through ``pipe.broadcast_loss``, and rank 0 alone prints.
 """
 
 import os
@@ -87,7 +87,8 @@ def main() -> None:
 
     held_out = collate(100)
     loss = pipe.eval_step(held_out)  # forward only, on every rank; no gradients
-    if loss is not None:  # the rank that runs the last stage (pipe.last_stage_rank)
+    loss = pipe.broadcast_loss(loss)  # from pipe.last_stage_rank to every rank
+    if dist.get_rank() == 0:  # compare with the unsplit model on the same batch
         model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(checkpoint).eval()
         with torch.no_grad():
             reference = model(**pipe.reference_batch(held_out)).loss
@@ -100,8 +101,11 @@ def main() -> None:
         loss = pipe.broadcast_loss(loss)  # the last stage's loss, now on every rank
         if dist.get_rank() == 0:
             print(f"step {step}: loss {loss.item():.4f}")
-    stages = [f"stage {stage.stage_index}" for stage in pipe.stages]
-    print(f"rank {dist.get_rank()} ran {', '.join(stages)}")
+    held: list[list[int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(held, [stage.stage_index for stage in pipe.stages])
+    if dist.get_rank() == 0:  # one process prints, so that lines do not interleave
+        for rank, stages in enumerate(held):
+            print(f"rank {rank} ran {', '.join(f'stage {index}' for index in stages)}")
     dist.destroy_process_group()
 
 
