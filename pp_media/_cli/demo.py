@@ -46,7 +46,8 @@ class DemoPlan:
     schedule: str
     pp_size: int
     virtual_stages: int | None
-    layers_per_stage: tuple[int, ...] | None
+    #: Per-stage decoder layers, "auto" (from costs measured on the first batch), or None.
+    layers_per_stage: tuple[int, ...] | str | None
     microbatches: int
     steps: int
     batch_size: int
@@ -121,9 +122,8 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
     try:
         adapter = adapter_for(config)
         n_layers = config.get_text_config().num_hidden_layers
-        plan_stages(
-            args.schedule, args.pp_size, n_layers, args.virtual_stages, args.layers_per_stage
-        )
+        counts = None if args.layers_per_stage == "auto" else args.layers_per_stage
+        plan_stages(args.schedule, args.pp_size, n_layers, args.virtual_stages, counts)
     except ValueError as error:
         raise DemoError(str(error).removeprefix("pp_media: ")) from None
     if args.videos and len(adapter.media) < 2:
@@ -209,6 +209,10 @@ def pipeline_rank(plan: DemoPlan, out_dir: str | None) -> dict[str, Any]:
         "device": device,
         "dtype": _dtype(plan.dtype),
     }
+    if plan.layers_per_stage == "auto":
+        from transformers import AutoConfig
+
+        options["sample_batch"] = _batch(AutoConfig.from_pretrained(plan.checkpoint), plan, 0)
     try:
         pipe = build_vlm_pipeline(plan.checkpoint, **options)
     except NotImplementedError as error:
@@ -240,10 +244,23 @@ def pipeline_rank(plan: DemoPlan, out_dir: str | None) -> dict[str, Any]:
         "layers": [list(stage.layer_indices) for stage in pipe.stages],
         "parameter_bytes": sum(p.numel() * p.element_size() for p in pipe.parameters()),
         "losses": losses if pipe.has_last_stage else None,
+        "costs": _costs_line(pipe.layout.costs),
     }
     if out_dir is not None:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     return result
+
+
+def _costs_line(costs: Any) -> str | None:
+    """The automatic split's estimated cost per stage, in one line (None for other splits)."""
+    if costs is None:
+        return None
+    scale, unit = (1e3, "ms") if costs.parts.unit == "seconds" else (1e-9, "GFLOP")
+    stages = ", ".join(f"{cost * scale:.3g}" for cost in costs.stages)
+    return (
+        f"auto split, {costs.parts.source}: stage costs {stages} {unit} per step; slowest rank "
+        f"{costs.bottleneck * scale:.3g} {unit}, ideal {costs.ideal * scale:.3g} {unit}"
+    )
 
 
 def _worker(local_rank: int, port: int, plan: DemoPlan, out_dir: str) -> None:
@@ -298,6 +315,9 @@ def report(plan: DemoPlan, reference: list[float], ranks: list[dict[str, Any]]) 
             f"rank {result['rank']}: {layers}; {share / 1e6:.2f} MB of the model's "
             f"{total / 1e6:.2f} MB parameters"
         )
+    costs = next((r["costs"] for r in ranks if r.get("costs")), None)
+    if costs:
+        print(costs)
     pipelined = next(r["losses"] for r in ranks if r["losses"] is not None)
     print()
     print(f"{'step':>4}  {'reference':>12}  {'pipelined':>12}  {'|difference|':>12}")

@@ -32,12 +32,14 @@ def _learning_rate(value: str) -> float:
     return number
 
 
-def _layer_counts(value: str) -> tuple[int, ...]:
+def _layer_counts(value: str) -> tuple[int, ...] | str:
+    if value.strip().lower() == "auto":
+        return "auto"
     try:
         counts = tuple(int(part) for part in value.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated layer counts such as 1,3; got {value!r}"
+            f"expected comma-separated layer counts such as 1,3, or auto; got {value!r}"
         ) from None
     return counts
 
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--layers-per-stage",
         type=_layer_counts,
         default=None,
-        help="decoder layers of each stage, comma-separated (default: balanced)",
+        help="decoder layers of each stage, comma-separated, or auto: chosen from the stage "
+        "costs measured on the first batch (default: balanced)",
     )
     demo.add_argument("--microbatches", type=_positive, default=4, help="default 4")
     demo.add_argument(

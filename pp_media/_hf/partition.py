@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch.distributed.pipelining.schedules import (
     PipelineScheduleSingle,
@@ -34,6 +35,13 @@ class StageLayout:
     stages_per_rank: int
     #: ``layers[s]`` are the global decoder-layer indices of stage s.
     layers: tuple[tuple[int, ...], ...]
+    #: With ``layers_per_stage="auto"``: the estimated costs the split was chosen from
+    #: (``pp_media._hf.auto_split.SplitEstimate``); None for explicit or balanced splits.
+    costs: Any = None
+
+    @property
+    def layers_per_stage(self) -> tuple[int, ...]:
+        return tuple(len(layers) for layers in self.layers)
 
     @property
     def n_stages(self) -> int:

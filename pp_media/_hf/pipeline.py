@@ -14,6 +14,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from pp_media._core.device import move_vlm_media_to_device
+from pp_media._hf.auto_split import choose_layout
 from pp_media._hf.batch import (
     StepInputs,
     prepare_step_inputs,
@@ -23,7 +24,7 @@ from pp_media._hf.batch import (
 from pp_media._hf.dtypes import resolve_dtype
 from pp_media._hf.families import FamilyAdapter, adapter_for
 from pp_media._hf.loss import TokenSumCrossEntropy
-from pp_media._hf.partition import StageLayout, plan_stages
+from pp_media._hf.partition import StageLayout
 from pp_media._hf.pruning import prune_to_stage
 from pp_media._hf.stage_module import VLMStage
 from pp_media._hf.tied import TiedEmbeddingSync, unique_parameters
@@ -268,9 +269,10 @@ def build_vlm_pipeline(
     schedule: str = "1F1B",
     n_microbatches: int = 4,
     stages_per_rank: int | None = None,
-    layers_per_stage: Sequence[int] | None = None,
+    layers_per_stage: Sequence[int] | str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
+    sample_batch: Mapping[str, Any] | None = None,
 ) -> VLMPipeline:
     """Split a Hugging Face ``*ForConditionalGeneration`` VLM into pipeline stages.
 
@@ -279,8 +281,13 @@ def build_vlm_pipeline(
     its own stages' tensors. ``group`` is the pipeline process group (default: the whole
     world). ``schedule`` is one of torch's schedule names; ``stages_per_rank`` defaults to 1
     (GPipe, 1F1B) or 2 (interleaved and V schedules); decoder layers are balanced over the
-    stages unless ``layers_per_stage`` says otherwise. ``dtype`` (a ``torch.dtype`` or its
-    name, ``"bfloat16"``) casts the stages' parameters. Call on every rank of ``group``.
+    stages unless ``layers_per_stage`` says otherwise: per-stage counts (``[1, 3]`` or
+    ``"1,3"``), or ``"auto"``, which picks the counts minimising the slowest rank's cost
+    (stage 0 may get none), from costs measured on ``sample_batch`` (a collated batch like
+    the ones ``step`` will get; measured by the group's rank 0 on its device and broadcast),
+    or from a FLOP model without one; ``pipe.layout.costs`` holds the estimate. ``dtype`` (a
+    ``torch.dtype`` or its name, ``"bfloat16"``) casts the stages' parameters. Call on every
+    rank of ``group``.
     """
     dtype = resolve_dtype(dtype)
     if not dist.is_initialized():
@@ -297,8 +304,20 @@ def build_vlm_pipeline(
     source, checkpoint = _load_model_source(model, dtype)
     config = source.config
     adapter = adapter_for(config)
-    n_layers = len(source.get_submodule(adapter.text_model_path).layers)
-    layout = plan_stages(schedule, pp_size, n_layers, stages_per_rank, layers_per_stage)
+    layout = choose_layout(
+        source,
+        adapter,
+        config,
+        schedule,
+        pp_size,
+        stages_per_rank,
+        layers_per_stage,
+        sample_batch=sample_batch,
+        n_microbatches=n_microbatches,
+        group=group,
+        device=target_device,
+        dtype=dtype,
+    )
     tied = _is_tied(source, adapter)
 
     last = layout.n_stages - 1
