@@ -14,6 +14,13 @@ function returns: the real image processor's ``pixel_values`` and ``image_grid_t
 with the image placeholders expanded, labels and an attention mask, padded to a fixed length.
 A ``DataLoader`` with ``pipe.replica_sampler`` gives every rank of one pipeline the same
 samples and each replica its own share; the gradients are clipped by the whole model's norm.
+(``Qwen2VLProcessor`` itself cannot be built without torchvision, which its video processor
+needs, so the collate expands the placeholders as the processor would: ``t*h*w // merge**2``
+image tokens per image, between the vision start and end tokens.)
+
+Before training, the pipeline evaluates a held-out batch forward-only, and rank 0 compares that
+loss with the unsplit model's ``model(**pipe.reference_batch(batch)).loss``; every loss reaches
+every rank through ``pipe.broadcast_loss``, and rank 0 alone prints.
 """
 
 import argparse
@@ -99,15 +106,29 @@ def main() -> None:
         dataset, batch_size=BATCH, sampler=pipe.replica_sampler(dataset), collate_fn=collate
     )
     optimizer = torch.optim.AdamW(pipe.parameters(), lr=1e-3)
+
+    held_out = collate([sample(1000 + index) for index in range(BATCH)])
+    loss = pipe.eval_step(held_out)  # forward only, on every rank; no gradients
+    loss = pipe.broadcast_loss(loss)  # from pipe.last_stage_rank to every rank
+    if dist.get_rank() == 0:  # compare with the unsplit model on the same batch
+        model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(checkpoint).eval()
+        with torch.no_grad():
+            reference = model(**pipe.reference_batch(held_out)).loss
+        print(f"eval: pipeline {loss.item():.6f}, unsplit model {reference.item():.6f}")
+
     for step, batch in enumerate(loader):  # this replica's share of each global batch
         loss = pipe.step(batch)  # forward and backward on every rank
         pipe.clip_grad_norm_(1.0)  # the norm over all stages and replicas
         optimizer.step()
         optimizer.zero_grad()
-        if loss is not None and pipe.dp_rank == 0:  # the global batch's loss, last stage
+        loss = pipe.broadcast_loss(loss)  # the global batch's loss, now on every rank
+        if dist.get_rank() == 0:
             print(f"step {step}: loss {loss.item():.4f}")
-    stages = [f"stage {stage.stage_index}" for stage in pipe.stages]
-    print(f"rank {dist.get_rank()} ran {', '.join(stages)}")
+    held: list[list[int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(held, [stage.stage_index for stage in pipe.stages])
+    if dist.get_rank() == 0:  # one process prints, so that lines do not interleave
+        for rank, stages in enumerate(held):
+            print(f"rank {rank} ran {', '.join(f'stage {index}' for index in stages)}")
     dist.destroy_process_group()
 
 

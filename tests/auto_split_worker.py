@@ -78,7 +78,9 @@ def run_case(case: Case) -> dict[str, Any]:
     ref_grads = {name: p.grad for name, p in full.items()}
     before = snapshot(batch)
     loss = pipe.step(batch)
-    record = compare_step(pipe.named_parameters(), ref_grads, loss, ref_loss)
+    record = compare_step(
+        dict(pipe.named_parameters(remove_duplicate=False)), ref_grads, loss, ref_loss
+    )
     record["batch_unchanged"] = unchanged(batch, before)
     costs = pipe.layout.costs
     return {

@@ -395,7 +395,7 @@ class Received:
 def tied_copies(pipe: Any) -> dict[str, Any]:
     """Whether this rank's embedding copy and the LM head copy are equal, bit for bit: the
     same Parameter when both stages are local, else compared through an all_gather."""
-    named = pipe.named_parameters()
+    named = dict(pipe.named_parameters(remove_duplicate=False))
     if pipe.tied.active:
         mine = (named[EMBED] if pipe.has_first_stage else named[HEAD]).detach().contiguous()
         gathered = [torch.empty_like(mine) for _ in range(WORLD_SIZE)]
@@ -479,7 +479,7 @@ def build(rank: int, case: Case, config: Any, workdir: str) -> tuple[Any, Any]:
 def describe_pipe(pipe: Any, reference: Any, config: Any) -> dict[str, Any]:
     """What this rank holds: stages, their layers and layer types, parameter names."""
     full = dict(reference.named_parameters(remove_duplicate=False))
-    named = pipe.named_parameters()
+    named = dict(pipe.named_parameters(remove_duplicate=False))
     return {
         "stages": [stage.stage_index for stage in pipe.stages],
         "stage_layers": {str(s.stage_index): list(s.layer_indices) for s in pipe.stages},
@@ -516,7 +516,7 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
         device="cpu",
     )
     full = dict(reference.named_parameters(remove_duplicate=False))
-    named = pipe.named_parameters()
+    named = dict(pipe.named_parameters(remove_duplicate=False))
     # The vision encoder alone (``tower``: the first vision path; Gemma3's zero-initialised
     # projector weight gets gradients even while every encoder gradient is zero), and every
     # vision part.

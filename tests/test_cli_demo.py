@@ -48,19 +48,26 @@ def test_default_demo_passes() -> None:
     assert verdict.startswith("PASS: tiny random qwen2_vl, 1F1B, 2 ranks, 4 microbatches, 20 steps")
     assert "rank 0: stage 0: layers 0-1" in result.stdout
     assert "rank 1: stage 1: layers 2-3" in result.stdout
+    assert result.stdout.startswith("pp-media demo: tiny random qwen2_vl, images, schedule 1F1B")
     assert "Traceback" not in result.stderr
 
 
-def test_demo_from_a_saved_checkpoint(tmp_path: Path) -> None:
+def test_demo_from_a_saved_checkpoint_with_a_small_vocabulary(tmp_path: Path) -> None:
+    """A checkpoint whose vocabulary has 300 tokens (placeholders 290-293): the demo's
+    synthetic text used to draw ids up to 899, and the embedding raised IndexError."""
     from pp_media.testing import tiny_config
 
     torch.manual_seed(3)
     config = tiny_config("qwen2_vl", tie_word_embeddings=True)
+    config.text_config.vocab_size = 300
+    config.image_token_id, config.video_token_id = 290, 291
+    config.vision_start_token_id, config.vision_end_token_id = 292, 293
     transformers.AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path)
     demo = [sys.executable, "-m", "pp_media", "demo", "--model", str(tmp_path)]
     result = _run([*demo, "--steps", "3", "--schedule", "ZBVZeroBubble", "--videos"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(_losses(result.stdout)) == 3
+    assert result.stdout.startswith(f"pp-media demo: qwen2_vl from {tmp_path}, images and videos")
     assert f"PASS: qwen2_vl from {tmp_path}, ZBVZeroBubble" in result.stdout
 
 
@@ -123,16 +130,43 @@ def test_impossible_options_give_one_line(
     assert captured.out == ""
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--dtype", "int8"],
+            "argument --dtype: invalid choice: 'int8' (choose from 'float32', 'bfloat16', "
+            "'float16')",
+        ),
+        (["--lr", "-1"], "argument --lr: must be a positive finite number, got -1"),
+        (["--lr", "nan"], "argument --lr: must be a positive finite number, got nan"),
+        (["--lr", "inf"], "argument --lr: must be a positive finite number, got inf"),
+        (["--lr", "0"], "argument --lr: must be a positive finite number, got 0"),
+        (["--lr", "fast"], "argument --lr: expected a number such as 1e-3, got 'fast'"),
+    ],
+)
 def test_unknown_option_values_are_refused_by_the_parser(
-    capsys: pytest.CaptureFixture[str],
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Before, ``--lr -1`` / ``nan`` reached AdamW in the spawned ranks: a traceback."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--dtype", "int8"])
+        main(["demo", *argv])
     assert exit_info.value.code == 2
-    message = (
-        "argument --dtype: invalid choice: 'int8' (choose from 'float32', 'bfloat16', 'float16')"
-    )
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"pp-media demo: error: {message}\n" in err
+    assert "Traceback" not in err
+
+
+def test_on_a_terminal_the_demo_says_at_once_that_it_is_starting(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first seconds go to importing transformers and building the model: a terminal
+    sees a line about it before anything else (a pipe or a log sees the table only)."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["demo", "--model", "bert"]) == 2
+    first, *rest = capsys.readouterr().err.splitlines()
+    assert first == "pp-media demo: starting: loading transformers and the bert model ..."
+    assert rest[0].startswith("pp-media demo: error: --model 'bert' is neither")
 
 
 def test_demo_save_exports_a_model_that_transformers_reloads(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ def test_dp_demo_passes_on_four_processes() -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith(
-        "pp-media demo: tiny random qwen2_vl, schedule 1F1B, 2 data-parallel x 2 pipeline "
+        "pp-media demo: tiny random qwen2_vl, images, schedule 1F1B, 2 data-parallel x 2 pipeline "
         "ranks, 4 microbatches of a 6-sample share of a 12-sample global batch, 2 steps"
     )
     rows = [(int(m[1]), float(m[2]), float(m[3])) for m in _ROW.finditer(result.stdout)]

@@ -116,8 +116,24 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.Comple
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     commands = {
         "default": [str(CONSOLE_SCRIPT), "inspect"],
-        "removed": [sys.executable, "-m", "pp_media", "inspect", "removed.pt"],
-        "missing": [sys.executable, "-m", "pp_media", "inspect", "missing.pt"],
+        "removed": [
+            sys.executable,
+            "-m",
+            "pp_media",
+            "inspect",
+            "removed.pt",
+            "--model",
+            "qwen2_vl",
+        ],
+        "missing": [
+            sys.executable,
+            "-m",
+            "pp_media",
+            "inspect",
+            "missing.pt",
+            "--model",
+            "qwen2_vl",
+        ],
     }
     running = {
         name: subprocess.Popen(
@@ -149,10 +165,17 @@ def test_module_run_names_the_sample_missing_a_placeholder(cli: dict[str, Any]) 
     statuses = [row["status"] for row in _table(run.stdout)]
     assert statuses == ["ok", "ok", "MISMATCH", "ok"]
     found = int((_batch()["input_ids"][4] == IMAGE_TOKEN).sum())
+    assert run.stdout.startswith(
+        "removed.pt (placeholder ids of pp-media's tiny random qwen2_vl: image 990, video 991): "
+    )
+    # Without n_images_per_sample the images are assigned by best fit: a guess, and said so.
     assert (
         f"MISMATCH microbatch 2, sample 4: {found - 1} image placeholder tokens (id {IMAGE_TOKEN}) "
-        f"in input_ids, but its images give {found} features"
+        f"in input_ids, but its images give {found} features (best-fit guess)"
     ) in run.stdout.splitlines()
+    assert run.stdout.splitlines()[-1].startswith(
+        "MISMATCH: sample 4 (1 of 6) in microbatch 2 (1 of 4) (which samples: a best-fit guess): "
+    )
     mismatches = [line for line in run.stdout.splitlines() if line.startswith("MISMATCH micro")]
     assert len(mismatches) == 1
     assert "Traceback" not in run.stderr
@@ -243,18 +266,20 @@ def test_altered_grid_rows(
     if not counts_given:
         del batch["n_images_per_sample"]
     torch.save(batch, tmp_path / "batch.pt")
-    assert main(["inspect", str(tmp_path / "batch.pt")]) == 1
+    assert main(["inspect", str(tmp_path / "batch.pt"), "--model", "qwen2_vl"]) == 1
     stdout = capsys.readouterr().out
     assert [row["status"] for row in _table(stdout)] == ["ok", "ok", "MISMATCH", "MISMATCH"]
     mismatches = [line for line in stdout.splitlines() if line.startswith("MISMATCH micro")]
+    guess = "" if counts_given else " (best-fit guess)"
     assert mismatches == [
         f"MISMATCH microbatch 2, sample 4: {found_4} image placeholder tokens (id 990) in "
-        f"input_ids, but its images give {found_4 + shift} features",
+        f"input_ids, but its images give {found_4 + shift} features{guess}",
         f"MISMATCH microbatch 3, sample 5: {found_5} image placeholder tokens (id 990) in "
-        f"input_ids, but its images give {found_5 - shift} features",
+        f"input_ids, but its images give {found_5 - shift} features{guess}",
     ]
+    summary = "" if counts_given else " (which samples: a best-fit guess)"
     assert stdout.splitlines()[-1].startswith(
-        "MISMATCH: samples 4, 5 (2 of 6) in microbatches 2, 3 (2 of 4): "
+        f"MISMATCH: samples 4, 5 (2 of 6) in microbatches 2, 3 (2 of 4){summary}: "
     )
     assert ("best fit" in stdout) is not counts_given
 
@@ -298,22 +323,31 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list[str], str]]:
     keys = sorted(k for k in good if k != "input_ids")
     return {
         "list": (
-            ["list.pt"],
+            ["list.pt", "--model", "qwen2_vl"],
             f"list.pt {NOT_A_DICT} (it holds a value of type list)",
         ),
         "value": (
-            ["value.pt"],
+            ["value.pt", "--model", "qwen2_vl"],
             f"value.pt {NOT_A_DICT} (key 'n' holds a value of type int)",
         ),
-        "text": (["text.pt"], f"text.pt {NOT_A_DICT} (torch.load failed: "),
-        "no_ids": (["no_ids.pt"], f"the batch has no 'input_ids' tensor (keys: {keys})"),
+        "text": (["text.pt", "--model", "qwen2_vl"], f"text.pt {NOT_A_DICT} (torch.load failed: "),
+        "no_ids": (
+            ["no_ids.pt", "--model", "qwen2_vl"],
+            f"the batch has no 'input_ids' tensor (keys: {keys})",
+        ),
         "no_grid": (
-            ["no_grid.pt"],
-            "the batch has no 'image_grid_thw', which qwen2_vl needs to count the features of "
-            "its media",
+            ["no_grid.pt", "--model", "qwen2_vl"],
+            "the batch has 'pixel_values' (shape (280, 1176), dtype torch.float32) but no "
+            "'image_grid_thw', which qwen2_vl needs with its images to count their placeholder "
+            "tokens and compute their features.",
+        ),
+        "no_model": (
+            ["good.pt"],
+            "good.pt: a saved batch needs --model, the checkpoint directory (or model_type) "
+            "whose placeholder token ids and rule it follows; pp-media does not guess them",
         ),
         "core": (
-            ["short.pt"],
+            ["short.pt", "--model", "qwen2_vl"],
             "'pixel_values' (shape (276, 1176), dtype torch.float32): expected dim 0 of size 280:",
         ),
         "model": (
@@ -332,7 +366,7 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list[str], str]]:
             "at least one sample per microbatch. Use a larger batch or fewer microbatches.",
         ),
         "file_size": (
-            ["good.pt", "--microbatches", "7"],
+            ["good.pt", "--model", "qwen2_vl", "--microbatches", "7"],
             "batch_size 6 is smaller than n_microbatches 7; torch.distributed.pipelining needs "
             "at least one sample per microbatch. Use a larger batch or fewer microbatches.",
         ),

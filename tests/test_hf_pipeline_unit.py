@@ -98,17 +98,26 @@ def test_step_inputs_derive_counts_and_token_types_and_pad_every_microbatch() ->
     assert torch.equal(sums, placeholders)
 
 
-def test_batches_of_another_shape_than_the_first_are_refused() -> None:
+def test_batches_of_another_microbatch_shape_than_the_first_are_refused() -> None:
+    """The rule is the padded microbatch shape [ceil(B / M), T]: B may vary while it holds."""
     config = tiny_config("llava")
     pipe = VLMPipeline([], None, None, adapter_for(config), config, None, None, 4, "cpu")
     pipe.prepare(synthetic_batch(config, 6, 96, seed=0))
+    for batch_size in (5, 8):  # ceil(B / 4) = 2 as for B = 6: accepted
+        pipe.prepare(synthetic_batch(config, batch_size, 96, seed=batch_size))
     with pytest.raises(ValueError) as error:
         pipe.prepare(synthetic_batch(config, 6, 112, seed=1))
     assert str(error.value) == (
-        "pp_media: this batch gives microbatches of [2, 112] tokens but the pipeline was set up "
-        "for [2, 96] (torch's stages fix their buffers at the first step). Pad every batch to "
-        "the same sequence length and use the same batch size."
+        "pp_media: this batch (6 samples x 112 tokens) gives microbatches of [2, 112] tokens but "
+        "the pipeline was set up for [2, 96] by its first batch: torch's stages fix their "
+        "receive buffers at the first step, so every batch must give the same padded "
+        "microbatch shape [ceil(B / 4), T]. Pad every batch to T = 96 tokens; the batch size B "
+        "may vary as long as ceil(B / 4) stays 2 (B from 5 to 8)."
     )
+    with pytest.raises(
+        ValueError, match=re.escape("(9 samples x 96 tokens) gives microbatches of [3, 96]")
+    ):
+        pipe.prepare(synthetic_batch(config, 9, 96, seed=9))
 
 
 def test_media_a_collate_prepared_and_padded_are_refused_with_the_fix() -> None:

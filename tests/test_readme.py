@@ -68,6 +68,11 @@ def test_torchrun_training_example_runs() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     losses = [float(x) for x in re.findall(r"^step \d: loss ([0-9.]+)$", result.stdout, re.M)]
     assert len(losses) == 3 and all(5.0 < loss < 8.0 for loss in losses), result.stdout
+    # The forward-only evaluation equals the unsplit model on pipe.reference_batch.
+    (found,) = re.findall(
+        r"^eval: pipeline ([0-9.]+), unsplit model ([0-9.]+)$", result.stdout, re.M
+    )
+    assert abs(float(found[0]) - float(found[1])) <= 5e-6, result.stdout
     assert "rank 0 ran stage 0, stage 2" in result.stdout
     assert "rank 1 ran stage 1, stage 3" in result.stdout
 

@@ -109,6 +109,7 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
         builds_videos,
         default_seq_len,
         fixture_for,
+        text_token_ids,
         tiny_config,
         tiny_model_types,
     )
@@ -167,6 +168,10 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
             f"--videos: the demo builds flat video patches with video_grid_thw, which "
             f"{config.model_type} does not take"
         )
+    try:
+        text_token_ids(config)
+    except ValueError as error:
+        raise DemoError(f"--model: {str(error).removeprefix('pp_media: ')}") from None
     if args.videos and not fixture_for(config.model_type).mixes_images_and_videos:
         raise DemoError(
             f"--videos: {config.model_type} cannot take images and videos in one forward "
@@ -468,8 +473,19 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _starting_notice(args: argparse.Namespace) -> None:
+    """On a terminal, say at once what the first seconds go to (progress, like the bars)."""
+    if sys.stderr.isatty():
+        print(
+            f"pp-media demo: starting: loading transformers and the {args.model} model ...",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    _starting_notice(args)
     _quiet_transformers()
     with tempfile.TemporaryDirectory(prefix="pp_media_demo_") as workdir:
         try:
@@ -483,10 +499,12 @@ def run_demo(args: argparse.Namespace) -> int:
             except DemoError as error:
                 print(f"pp-media demo: error: {error}", file=sys.stderr)
                 return 2
+        media = "images and videos" if plan.videos else "images"
         print(
-            f"pp-media demo: {plan.model_label}, schedule {plan.schedule}, {_ranks(plan)}, "
-            f"{plan.microbatches} microbatches of a {_batch_words(plan)}, {plan.steps} steps, "
-            f"{plan.device}, {plan.dtype}"
+            f"pp-media demo: {plan.model_label}, {media}, schedule {plan.schedule}, "
+            f"{_ranks(plan)}, {plan.microbatches} microbatches of a {_batch_words(plan)}, "
+            f"{plan.steps} steps, {plan.device}, {plan.dtype}",
+            flush=True,
         )
         reference = reference_losses(plan)
         out_dir = Path(workdir, "results")

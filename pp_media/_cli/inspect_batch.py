@@ -21,11 +21,18 @@ import torch
 from pp_media._core.bounds import sample_bounds
 from pp_media._core.errors import check_microbatches, require_int_tensor
 from pp_media._core.prepare import prepare_vlm_media_for_pp
-from pp_media._hf.batch import PlaceholderCheck, _items_per_sample, placeholder_checks
+from pp_media._hf.batch import (
+    PlaceholderCheck,
+    _items_per_sample,
+    check_required_fields,
+    placeholder_checks,
+)
 from pp_media._hf.families import FamilyAdapter, adapter_for
 from pp_media._keys import VLM_PP_MEDIA_KEY
 
 PROG = "pp-media inspect"
+#: The model of the synthetic batch when ``--model`` is not given.
+DEFAULT_MODEL = "qwen2_vl"
 #: Largest samples x items**2 that ``best_fit_counts`` takes on (about a second); beyond it
 #: a batch whose placeholders are not whole items gets the step's own error instead.
 BEST_FIT_SIZE = 2**24
@@ -58,6 +65,9 @@ class Inspection:
     #: How each kind's items per sample were found ("n_images_per_sample", ...).
     count_sources: dict[str, str]
     notes: list[str] = field(default_factory=list)
+    #: Kinds whose items were assigned to samples by best fit: which samples the mismatches
+    #: are in is a guess.
+    guessed: set[str] = field(default_factory=set)
 
     @property
     def mismatches(self) -> list[PlaceholderCheck]:
@@ -97,12 +107,14 @@ def _derive_counts(
     work: dict[str, Any],
     adapter: FamilyAdapter,
     config: Any,
+    n_microbatches: int,
     notes: list[str],
     refusals: list[ValueError],
+    guessed: set[str],
 ) -> dict[str, str]:
     """Fill in missing per-sample item counts as ``prepare_step_inputs`` does; where the
-    placeholders are not whole items, keep the refusal, assign items by best fit and add a
-    note. Returns how each kind's counts were found."""
+    placeholders are not whole items, keep the refusal, assign items by best fit, mark the
+    kind as guessed and add a note. Returns how each kind's counts were found."""
     sources: dict[str, str] = {}
     input_ids = work["input_ids"]
     for kind in adapter.media:
@@ -114,7 +126,9 @@ def _derive_counts(
         else:
             sources[kind.name] = f"from placeholder tokens (id {token_id})"
             try:
-                work[kind.count_field] = _items_per_sample(work, adapter, config, kind)
+                work[kind.count_field] = _items_per_sample(
+                    work, adapter, config, kind, n_microbatches
+                )
             except ValueError as refusal:
                 refusals.append(refusal)
                 tokens = adapter.tokens_per_item(config, kind, work)
@@ -125,10 +139,13 @@ def _derive_counts(
                 work[kind.count_field] = torch.tensor(
                     best_fit_counts(placeholders, tokens.tolist()), dtype=torch.int64
                 )
+                guessed.add(kind.name)
                 notes.append(
                     f"note: the {kind.name} placeholder tokens (id {token_id}) do not split into "
                     f"whole {kind.name}s per sample, so prepare_step_inputs would refuse this "
-                    f"batch; below, {kind.name}s are assigned to samples by best fit."
+                    f"batch; below, {kind.name}s are assigned to samples by best fit, so which "
+                    f"samples are flagged is a guess (without {kind.count_field}, which sample "
+                    "lost or gained placeholder tokens cannot be known)."
                 )
     return sources
 
@@ -146,11 +163,13 @@ def inspect_batch(
     input_ids = require_int_tensor("input_ids", batch["input_ids"], 2)
     batch_size = input_ids.shape[0]
     check_microbatches(batch_size, n_microbatches)
+    check_required_fields(batch, adapter, config)
     work: dict[str, Any] = dict(batch)
     notes: list[str] = []
     refusals: list[ValueError] = []
+    guessed: set[str] = set()
     try:
-        sources = _derive_counts(work, adapter, config, notes, refusals)
+        sources = _derive_counts(work, adapter, config, n_microbatches, notes, refusals, guessed)
         if any(work.get(kind.pixel_field) is not None for kind in adapter.media):
             try:
                 prepare_vlm_media_for_pp(
@@ -200,7 +219,7 @@ def inspect_batch(
             )
         )
     kinds = tuple(kind.name for kind in adapter.media)
-    return Inspection(kinds, rows, checks, sources, notes)
+    return Inspection(kinds, rows, checks, sources, notes, guessed)
 
 
 def _samples_text(samples: range) -> str:
@@ -248,10 +267,11 @@ def format_report(inspection: Inspection, heading: str) -> str:
     lines += inspection.notes
     mismatches = inspection.mismatches
     for check in mismatches:
+        guess = " (best-fit guess)" if check.kind in inspection.guessed else ""
         lines.append(
             f"MISMATCH microbatch {check.microbatch}, sample {check.sample}: "
             f"{check.placeholders} {check.kind} placeholder tokens (id {check.token_id}) in "
-            f"input_ids, but its {check.kind}s give {check.features} features"
+            f"input_ids, but its {check.kind}s give {check.features} features{guess}"
         )
     n_samples = sum(len(row.samples) for row in inspection.rows)
     n_microbatches = len(inspection.rows)
@@ -267,9 +287,14 @@ def format_report(inspection: Inspection, heading: str) -> str:
     else:
         samples = sorted({check.sample for check in mismatches})
         bad = sorted({check.microbatch for check in mismatches})
+        guess = (
+            " (which samples: a best-fit guess)"
+            if any(check.kind in inspection.guessed for check in mismatches)
+            else ""
+        )
         lines.append(
             f"MISMATCH: {_plural('sample', samples)} ({len(samples)} of {n_samples}) in "
-            f"{_plural('microbatch', bad)} ({len(bad)} of {n_microbatches}): placeholder "
+            f"{_plural('microbatch', bad)} ({len(bad)} of {n_microbatches}){guess}: placeholder "
             "tokens differ from the media's features; a pipeline step would raise ValueError"
         )
     return "\n".join(lines)
@@ -347,16 +372,31 @@ def _synthetic(
     return synthetic_batch(config, args.batch_size, seq_len, seed=args.seed, videos=args.videos)
 
 
+def _model_text(model: str, config: Any, adapter: FamilyAdapter) -> str:
+    """How the heading names the model a saved batch is checked against: a tiny model type
+    says that its placeholder ids are the demo's."""
+    if Path(model).is_dir():
+        return f"{config.model_type} from {model}"
+    ids = ", ".join(f"{kind.name} {adapter.token_id(config, kind)}" for kind in adapter.media)
+    return f"placeholder ids of pp-media's tiny random {config.model_type}: {ids}"
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     """Print the report; 0 when consistent, 1 on any mismatch, 2 on a bad input."""
     try:
-        config, adapter = load_config(args.model)
+        if args.batch is not None and args.model is None:
+            raise InspectError(
+                f"{args.batch}: a saved batch needs --model, the checkpoint directory (or "
+                "model_type) whose placeholder token ids and rule it follows; pp-media does not "
+                "guess them"
+            )
+        config, adapter = load_config(args.model or DEFAULT_MODEL)
         if args.batch is None:
             batch = _synthetic(config, adapter, args)
             source = f"synthetic {config.model_type} batch (seed {args.seed})"
         else:
             batch = load_batch(args.batch)
-            source = f"{args.batch} ({config.model_type})"
+            source = f"{args.batch} ({_model_text(args.model, config, adapter)})"
         inspection = inspect_batch(batch, adapter, config, args.microbatches)
     except (InspectError, ValueError) as error:
         message = _first_line(error).removeprefix("pp_media: ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +19,16 @@ def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def _learning_rate(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 1e-3, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {value}")
     return number
 
 
@@ -90,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     demo.add_argument("--dtype", default="float32", choices=DTYPES, help="default float32")
     demo.add_argument("--seed", type=int, default=0, help="default 0")
-    demo.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    demo.add_argument(
+        "--lr", type=_learning_rate, default=1e-3, help="AdamW learning rate (default 1e-3)"
+    )
     demo.add_argument(
         "--videos", action="store_true", help="add videos beside the images (Qwen-VL families)"
     )
@@ -114,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("batch", nargs="?", help="a torch.save'd dict of tensors (optional)")
     inspect.add_argument(
         "--model",
-        default="qwen2_vl",
-        help="model_type (or checkpoint directory) whose placeholder rule applies (default "
-        "qwen2_vl)",
+        default=None,
+        help="checkpoint directory (or model_type) whose placeholder token ids and rule "
+        "apply; required with a saved batch (synthetic batch default: qwen2_vl)",
     )
     inspect.add_argument("--microbatches", type=_positive, default=4, help="default 4")
     inspect.add_argument(

@@ -15,9 +15,10 @@ import torch
 
 from pp_media._core.bounds import sample_bounds
 from pp_media._core.counts import count_items_per_sample
-from pp_media._core.errors import check_microbatches, media_error
+from pp_media._core.errors import check_microbatches, describe, media_error
 from pp_media._core.padding import pad_to_even_microbatches
 from pp_media._core.prepare import prepare_vlm_media_for_pp
+from pp_media._hf.count_errors import derived_count_error
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
 from pp_media._hf.loss import count_label_tokens
 from pp_media._keys import VLM_PP_MEDIA_KEY
@@ -39,19 +40,30 @@ class StepInputs:
 
 
 def _items_per_sample(
-    batch: Mapping[str, Any], adapter: FamilyAdapter, config: Any, kind: MediaKind
+    batch: Mapping[str, Any],
+    adapter: FamilyAdapter,
+    config: Any,
+    kind: MediaKind,
+    n_microbatches: int,
 ) -> torch.Tensor:
-    """``n_images_per_sample``-style counts from the batch, or from its placeholder tokens."""
+    """``n_images_per_sample``-style counts from the batch, or from its placeholder tokens (a
+    failure names the microbatch and the first sample where they are not whole items)."""
     given = batch.get(kind.count_field)
     if given is not None:
         return given
     if kind.rows_per_sample:
         return torch.ones(batch["input_ids"].shape[0], dtype=torch.int64)
-    return count_items_per_sample(
-        batch["input_ids"],
-        adapter.token_id(config, kind),
-        adapter.tokens_per_item(config, kind, batch),
-    )
+    token_id = adapter.token_id(config, kind)
+    tokens = adapter.tokens_per_item(config, kind, batch)
+    try:
+        return count_items_per_sample(batch["input_ids"], token_id, tokens)
+    except ValueError as refusal:
+        located = derived_count_error(
+            batch["input_ids"], token_id, tokens, kind.name, kind.count_field, n_microbatches
+        )
+        if located is None:
+            raise
+        raise located from refusal
 
 
 @dataclass(frozen=True)
@@ -150,6 +162,48 @@ def _check_prepared_for(
         )
 
 
+def check_required_fields(batch: Mapping[str, Any], adapter: FamilyAdapter, config: Any) -> None:
+    """Each media kind present in ``batch`` comes with the fields its family declares
+    (``MediaKind.requires`` / ``requires_with``: Qwen-VL's grids, LLaVA-NeXT's ``image_sizes``,
+    ...); a missing one is refused by name here instead of failing inside the placeholder rule
+    or on stage 0."""
+    for kind in adapter.media:
+        if batch.get(kind.pixel_field) is None:
+            continue
+        pairs = [(kind.pixel_field, name) for name in kind.requires] + list(kind.requires_with)
+        for present, needed in pairs:
+            value = batch.get(present)
+            if value is not None and batch.get(needed) is None:
+                raise ValueError(
+                    f"pp_media: the batch has '{present}' ({describe(value)}) but no "
+                    f"'{needed}', which {config.model_type} needs with its {kind.name}s to "
+                    f"count their placeholder tokens and compute their features. Pass the "
+                    f"processor's '{needed}' in the batch (keys: {sorted(batch)})."
+                )
+
+
+def reference_batch(
+    batch: Mapping[str, Any], adapter: FamilyAdapter, config: Any
+) -> dict[str, Any]:
+    """``batch`` as the unsplit model takes it, so that ``model(**reference_batch(...)).loss``
+    is the loss a pipeline step computes: the fields a step derives added (the family's
+    ``step_fields``: Qwen-VL's ``mm_token_type_ids``), the per-sample counts
+    (``n_images_per_sample``, ...), which only align media, left out. A new dict; the tensors
+    are the batch's own or derived."""
+    if VLM_PP_MEDIA_KEY in batch:
+        raise ValueError(
+            f"pp_media: the batch's media were already split into '{VLM_PP_MEDIA_KEY}'; build "
+            "the reference batch from the collate function's output before "
+            "prepare_vlm_media_for_pp."
+        )
+    check_required_fields(batch, adapter, config)
+    counts = {kind.count_field for kind in adapter.media}
+    inputs = {name: value for name, value in batch.items() if name not in counts}
+    has_media = any(batch.get(kind.pixel_field) is not None for kind in adapter.media)
+    inputs.update(adapter.step_fields(config, batch, has_media))
+    return inputs
+
+
 def prepare_step_inputs(
     batch: Mapping[str, Any], adapter: FamilyAdapter, config: Any, n_microbatches: int
 ) -> StepInputs:
@@ -168,13 +222,17 @@ def prepare_step_inputs(
         )
     batch_size = input_ids.shape[0]
     check_microbatches(batch_size, n_microbatches)
+    if VLM_PP_MEDIA_KEY not in work:
+        check_required_fields(work, adapter, config)
     has_media = VLM_PP_MEDIA_KEY in work or any(
         work.get(kind.pixel_field) is not None for kind in adapter.media
     )
     if VLM_PP_MEDIA_KEY not in work and has_media:
         for kind in adapter.media:
             if work.get(kind.pixel_field) is not None:
-                work[kind.count_field] = _items_per_sample(work, adapter, config, kind)
+                work[kind.count_field] = _items_per_sample(
+                    work, adapter, config, kind, n_microbatches
+                )
         prepare_vlm_media_for_pp(work, batch_size, n_microbatches, layout=adapter.media_layout)
     media: dict[str, list[torch.Tensor]] = work.pop(VLM_PP_MEDIA_KEY, {})
     _check_prepared_for(media, batch_size, n_microbatches)
@@ -187,3 +245,23 @@ def prepare_step_inputs(
     pad_to_even_microbatches(text, batch_size, n_microbatches, keys=tuple(text))
     kwargs = {name: value for name, value in text.items() if name not in ("input_ids", "labels")}
     return StepInputs(text["input_ids"], text["labels"], label_tokens, media, kwargs)
+
+
+def shape_change_message(
+    batch_shape: tuple[int, ...],
+    shape: tuple[int, ...],
+    expected: tuple[int, ...],
+    n_microbatches: int,
+) -> str:
+    """The error for a batch whose padded microbatch shape differs from the first batch's."""
+    rows = expected[0]
+    smallest, largest = max(n_microbatches, (rows - 1) * n_microbatches + 1), rows * n_microbatches
+    sizes = f"B = {smallest}" if smallest == largest else f"B from {smallest} to {largest}"
+    return (
+        f"pp_media: this batch ({batch_shape[0]} samples x {batch_shape[1]} tokens) gives "
+        f"microbatches of {list(shape)} tokens but the pipeline was set up for "
+        f"{list(expected)} by its first batch: torch's stages fix their receive buffers at the "
+        f"first step, so every batch must give the same padded microbatch shape [ceil(B / "
+        f"{n_microbatches}), T]. Pad every batch to T = {expected[1]} tokens; the batch size B "
+        f"may vary as long as ceil(B / {n_microbatches}) stays {rows} ({sizes})."
+    )

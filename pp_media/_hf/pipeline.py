@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,13 @@ from pp_media._core.device import move_vlm_media_to_device
 from pp_media._hf import data_parallel as dp_wrapping
 from pp_media._hf.agreement import agree_on_batches
 from pp_media._hf.auto_split import choose_layout
-from pp_media._hf.batch import StepInputs, prepare_step_inputs
+from pp_media._hf.batch import (
+    StepInputs,
+    prepare_step_inputs,
+    reference_batch,
+    shape_change_message,
+)
+from pp_media._hf.dtypes import resolve_dtype
 from pp_media._hf.families import FamilyAdapter, adapter_for
 from pp_media._hf.grad_clip import clip_grad_norm
 from pp_media._hf.loss import TokenSumCrossEntropy
@@ -136,12 +142,39 @@ class VLMPipeline:
         """This rank's parameters, each once (give them to the optimizer)."""
         return unique_parameters(self.stages)
 
-    def named_parameters(self) -> dict[str, nn.Parameter]:
-        """This rank's parameters by the unsplit model's names."""
-        named: dict[str, nn.Parameter] = {}
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters as ``(name, parameter)`` pairs under the unsplit model's
+        names, like ``nn.Module.named_parameters`` (same arguments). With tied embeddings,
+        stage 0's rank holds ``...embed_tokens.weight`` and the last stage's rank its own copy
+        as ``lm_head.weight``; where one rank runs both (V schedules) they are one parameter,
+        yielded once as the embedding (``remove_duplicate=False`` yields both names)."""
+        seen: set[int] = set()
         for stage in self.stages:
-            named.update(stage.named_parameters())
-        return named
+            for name, param in stage.named_parameters(
+                prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate
+            ):
+                if remove_duplicate and id(param) in seen:
+                    continue
+                seen.add(id(param))
+                yield name, param
+
+    @property
+    def last_stage_rank(self) -> int:
+        """Global rank that runs the last stage, where ``step`` and ``eval_step`` return the
+        loss (rank 0 of the pipeline group for V schedules, its last rank otherwise)."""
+        return dist.get_global_rank(self.pp_group, self.layout.rank_of(self.layout.n_stages - 1))
+
+    def broadcast_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """What ``step`` / ``eval_step`` returned, on every rank of the pipeline: a 0-d float32
+        tensor broadcast from ``last_stage_rank``. A collective: call it on every rank."""
+        if loss is None:
+            value = torch.zeros((), dtype=torch.float32, device=self.device)
+        else:
+            value = loss.detach().to(device=self.device, dtype=torch.float32).reshape(())
+        dist.broadcast(value, src=self.last_stage_rank, group=self.pp_group)
+        return value
 
     def prepare(self, batch: Mapping[str, Any]) -> StepInputs:
         """What ``step`` does before running the schedule; exposed for inspection."""
@@ -151,10 +184,12 @@ class VLMPipeline:
             self._microbatch_shape = shape
         elif shape != self._microbatch_shape:
             raise ValueError(
-                f"pp_media: this batch gives microbatches of {list(shape)} tokens but the "
-                f"pipeline was set up for {list(self._microbatch_shape)} (torch's stages fix "
-                "their buffers at the first step). Pad every batch to the same sequence length "
-                "and use the same batch size."
+                shape_change_message(
+                    tuple(batch["input_ids"].shape),
+                    shape,
+                    self._microbatch_shape,
+                    self.n_microbatches,
+                )
             )
         return inputs
 
@@ -171,17 +206,49 @@ class VLMPipeline:
         inputs.label_tokens = label_tokens
         return inputs
 
+    def reference_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """``batch`` as the unsplit model takes it: ``model(**pipe.reference_batch(batch))
+        .loss`` equals ``pipe.step(batch)``. Adds the fields a step derives when the batch
+        lacks them (Qwen-VL's ``mm_token_type_ids``) and leaves out the per-sample counts
+        (``n_images_per_sample``, ...) that only align media; a new dict of the same tensors."""
+        return reference_batch(batch, self.adapter, self.config)
+
     def step(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """Forward and backward of one collated batch on every rank; gradients accumulate
         into this rank's parameters. Returns the batch's loss (Hugging Face's ``labels=``
-        loss) on the rank of the last stage, None elsewhere.
+        loss), a detached 0-d tensor, on the rank of the last stage (``last_stage_rank``),
+        None elsewhere.
 
         With data parallelism ``batch`` is this replica's share of the global batch (every
         rank of one pipeline passes the same), the loss and the gradients are those of the
         whole global batch (the mean over all its label tokens), and a batch that fails a check
         on any replica raises the same ``ValueError`` on every rank before any compute.
         """
+        inputs = self._prepare_replicas(batch)  # refuses bad input before anything changes
+        self.tied.before_step()
+        loss = self._run_schedule(inputs, forward_only=False)
+        self.tied.sync_grads()
+        return loss
+
+    def eval_step(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """The batch's loss without a backward pass: ``model(**batch).loss`` of the unsplit
+        model in eval mode under ``torch.no_grad()``, on the rank of the last stage (None
+        elsewhere; under data parallelism the global batch's loss). Runs torch's forward-only
+        ``schedule.eval`` with the stages in eval mode and no graph; gradients are not touched
+        and each module's train/eval mode is restored. Call on every rank; same batch rules as
+        ``step``. torch 2.13 runs GPipe, 1F1B, Interleaved1F1B, LoopedBFS and
+        InterleavedZeroBubble forward-only; the V schedules (ZBVZeroBubble, DualPipeV) are
+        refused (see ``evaluation.check_forward_only``)."""
+        from pp_media._hf.evaluation import check_forward_only, forward_only
+
+        check_forward_only(self.layout)
         inputs = self._prepare_replicas(batch)
+        with forward_only(self.stages):
+            return self._run_schedule(inputs, forward_only=True)
+
+    def _run_schedule(self, inputs: StepInputs, *, forward_only: bool) -> torch.Tensor | None:
+        """One schedule call over prepared inputs: the summed microbatch losses on the last
+        stage's rank (over every replica under data parallelism), None elsewhere."""
         self.loss_fn.label_tokens = inputs.label_tokens
         losses: list[torch.Tensor] | None = [] if self.has_last_stage else None
         kwargs = {name: value.to(self.device) for name, value in inputs.kwargs.items()}
@@ -194,9 +261,9 @@ class VLMPipeline:
             target=inputs.labels.to(self.device) if self.has_last_stage else None,
             losses=losses,
             return_outputs=False,
+            forward_only=forward_only,
             **kwargs,
         )
-        self.tied.sync_grads()
         if losses is None:
             return None
         loss = torch.stack([loss.detach() for loss in losses]).sum()
@@ -344,7 +411,7 @@ def build_vlm_pipeline(
     stages_per_rank: int | None = None,
     layers_per_stage: Sequence[int] | str | None = None,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     activation_checkpointing: bool = False,
     sample_batch: Mapping[str, Any] | None = None,
 ) -> VLMPipeline:
@@ -362,7 +429,8 @@ def build_vlm_pipeline(
     by the mesh's first rank to every replica under data parallelism), or from a FLOP model
     without one; ``pipe.layout.costs`` holds the estimate. Call on every rank of ``group``.
     ``activation_checkpointing`` recomputes each decoder layer's activations in backward
-    instead of keeping them (names unchanged).
+    instead of keeping them (names unchanged). ``dtype`` (a ``torch.dtype`` or its name,
+    ``"bfloat16"``) casts the stages' parameters.
 
     Data parallel x pipeline: ``mesh`` (a 2-D ``DeviceMesh`` with dims ``dp`` and ``pp``) or
     ``dp_size`` (the mesh ``(dp_size, world // dp_size)`` over the whole world, pipelines on
@@ -373,6 +441,7 @@ def build_vlm_pipeline(
     bfloat16 with fp32 parameters and fp32 gradient reduction. Call on every rank of the mesh.
     A model instance's modules are reused by the stages (moved, and wrapped for DP).
     """
+    dtype = resolve_dtype(dtype)
     if not dist.is_initialized():
         raise RuntimeError(
             "pp_media: build_vlm_pipeline needs an initialised process group "

@@ -100,6 +100,15 @@ class TiedEmbeddingSync:
             return self.local_copy
         return self.weight if self.is_copy else None
 
+    def before_step(self) -> None:
+        """Halve the gradient the copies already share (equal on both copies after every
+        sync), so that ``sync_grads``' sum adds each copy's new contribution once: gradients
+        accumulated over several steps stay the tied parameter's (halving is exact in binary
+        floating point). Under FSDP the halved tensors are the local shards."""
+        for weight in (self.weight, self.local_copy):
+            if weight is not None and weight.grad is not None:
+                _local(weight.grad).mul_(0.5)
+
     def sync_grads(self) -> None:
         if self.weight is None:
             return

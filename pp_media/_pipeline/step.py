@@ -30,6 +30,7 @@ def step_with_media(
     losses: list[torch.Tensor] | None = None,
     return_outputs: bool = True,
     loss_kwargs: dict[str, Any] | None = None,
+    forward_only: bool = False,
     **kwargs: Any,
 ) -> Any:
     """``schedule.step(*args, target=..., losses=..., **kwargs)``, plus the batch's media.
@@ -42,6 +43,9 @@ def step_with_media(
     only stage 0, that public API is used; otherwise (torch 2.13, or a rank that also runs
     later stages, whose forwards would receive every kwarg) the keyed stage-0 routing is.
     Returns what ``schedule.step`` returns.
+
+    ``forward_only=True`` runs torch's ``schedule.eval`` instead: the same microbatches, media
+    and losses, no backward (wrap the call in ``torch.no_grad()`` to build no graph either).
     """
     stages = schedule_stages(schedule)
     if stages is None:
@@ -52,9 +56,10 @@ def step_with_media(
     step_options: dict[str, Any] = {"losses": losses, "return_outputs": return_outputs}
     if loss_kwargs is not None:  # only torch versions that have it accept it
         step_options["loss_kwargs"] = loss_kwargs
+    run = schedule.eval if forward_only else schedule.step
     has_first = any(stage.is_first for stage in stages)
     if not media or not has_first:
-        return schedule.step(*args, target=target, **step_options, **kwargs)
+        return run(*args, target=target, **step_options, **kwargs)
 
     if _accepts_presplit(type(schedule)) and len(stages) == 1:
         staged = _StagedMedia({name: list(chunks) for name, chunks in media.items()}, keyed=True)
@@ -66,10 +71,8 @@ def step_with_media(
         for index, microbatch_kwargs in enumerate(kwarg_mbs):
             microbatch_kwargs.update(microbatch_media_kwargs(staged.microbatch(index)))
         target_mbs = None if target is None else list(torch.tensor_split(target, n_microbatches))
-        return schedule.step(
-            arg_mbs=arg_mbs, kwarg_mbs=kwarg_mbs, target_mbs=target_mbs, **step_options
-        )
+        return run(arg_mbs=arg_mbs, kwarg_mbs=kwarg_mbs, target_mbs=target_mbs, **step_options)
 
     first = next(stage for stage in stages if stage.is_first)
     with MediaStaging(schedule, [first.submod], {VLM_PP_MEDIA_KEY: media}, as_kwargs=True):
-        return schedule.step(*args, target=target, **step_options, **kwargs)
+        return run(*args, target=target, **step_options, **kwargs)

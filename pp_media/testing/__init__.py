@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from pp_media.testing import families as _families  # noqa: F401  (registers every fixture)
 from pp_media.testing._stand_ins import FlatPatchLayout, Step3Layout
-from pp_media.testing._synthetic import builds_videos, default_seq_len, synthetic_batch
+from pp_media.testing._synthetic import (
+    builds_videos,
+    default_seq_len,
+    synthetic_batch,
+    text_token_ids,
+)
 from pp_media.testing._tiny import (
     IMAGE_TOKEN,
     VIDEO_TOKEN,
@@ -40,6 +45,7 @@ __all__ = [
     "fixture_for",
     "image_processor",
     "synthetic_batch",
+    "text_token_ids",
     "tiny_config",
     "tiny_family",
     "tiny_model_types",

@@ -18,6 +18,37 @@ from pp_media.testing._tiny import fixture_for, image_processor
 
 #: Image sizes (height, width) the batches draw from; all multiples of 28 (Qwen patch x merge).
 IMAGE_SIZES = ((56, 56), (56, 84), (84, 56), (112, 56), (56, 112), (84, 84))
+#: Text token ids are drawn from this range, cut to the vocabulary.
+TEXT_IDS = (10, 900)
+
+
+def _special_token_ids(config: Any) -> set[int]:
+    """Every ``*_token_id`` / ``*_token_index`` of the config and its text config (placeholders,
+    separators, padding), which synthetic text must not contain."""
+    special: set[int] = set()
+    for part in (config, config.get_text_config()):
+        for name, value in vars(part).items():
+            is_token = name.endswith(("_token_id", "_token_index"))
+            if is_token and isinstance(value, int) and not isinstance(value, bool):
+                special.add(value)
+    return special
+
+
+def text_token_ids(config: Any) -> torch.Tensor:
+    """The ids synthetic text draws from: ``TEXT_IDS`` cut to the checkpoint's vocabulary,
+    without its special tokens (the whole vocabulary's ordinary ids if that leaves few)."""
+    vocab = int(config.get_text_config().vocab_size)
+    special = _special_token_ids(config)
+    ids = [i for i in range(TEXT_IDS[0], min(TEXT_IDS[1], vocab)) if i not in special]
+    if len(ids) < 8:
+        ids = [i for i in range(vocab) if i not in special]
+    if not ids:
+        raise ValueError(
+            f"pp_media: the vocabulary of {vocab} tokens has no id left for synthetic text "
+            f"besides the special tokens {sorted(special)}; use a checkpoint with a larger "
+            "vocabulary."
+        )
+    return torch.tensor(ids, dtype=torch.int64)
 
 
 def _image(generator: torch.Generator, height: int, width: int) -> Any:
@@ -166,14 +197,19 @@ def synthetic_batch(
         run = [token] * n_tokens
         return run if start is None else [start, *run, end]
 
+    text_ids = text_token_ids(config)
+
+    def text(n_tokens: int) -> list[int]:
+        return text_ids[torch.randint(len(text_ids), (n_tokens,), generator=generator)].tolist()
+
     rows: list[list[int]] = []
     prefix_lengths: list[int] = []
     image_iter, video_iter = iter(image_tokens), iter(video_tokens)
     for i in range(batch_size):
-        row = torch.randint(10, 900, (3,), generator=generator).tolist()
+        row = text(3)
         for _ in range(int(counts[i])):
             row += placeholder_run(adapter.token_id(config, image_kind), next(image_iter))
-            row += torch.randint(10, 900, (2,), generator=generator).tolist()
+            row += text(2)
         for _ in range(int(video_counts[i])):
             video_token, (frames, n_tokens) = (
                 adapter.token_id(config, adapter.media[1]),
@@ -183,11 +219,11 @@ def synthetic_batch(
                 row += placeholder_run(video_token, n_tokens)
                 continue
             for _ in range(frames):  # a timestamp token before each frame's own run
-                row += [*torch.randint(10, 900, (1,), generator=generator).tolist()]
+                row += text(1)
                 row += placeholder_run(video_token, n_tokens // frames)
         prefix_lengths.append(len(row))  # media and prompt; the answer text follows
         text_len = int(torch.randint(4, 12, (1,), generator=generator))
-        row += torch.randint(10, 900, (text_len,), generator=generator).tolist()
+        row += text(text_len)
         if len(row) > seq_len:
             raise ValueError(
                 f"pp_media: synthetic sample {i} needs {len(row)} tokens but seq_len is "

@@ -35,6 +35,12 @@ class MediaKind:
     feature_fields: tuple[str, ...] = ()
     #: Dim 0 of the pixels counts samples, each padded to the batch's most items (Idefics3).
     rows_per_sample: bool = False
+    #: Batch fields that must come with ``pixel_field`` (the placeholder rule or the feature
+    #: method reads them: Qwen-VL's ``image_grid_thw``); a batch without one is refused by name.
+    requires: tuple[str, ...] = ()
+    #: ``(field, needed)`` pairs: ``needed`` must come whenever ``field`` does (Step3p7's local
+    #: crops and their counts per sample).
+    requires_with: tuple[tuple[str, str], ...] = ()
 
 
 #: Images as most processors emit them; a family adds what its feature method takes

@@ -5,14 +5,18 @@ layout of its own, described as data."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from pp_media._hf.families.base import IMAGES, FamilyAdapter, MediaKind
+from pp_media._hf.families import base
+from pp_media._hf.families.base import FamilyAdapter, MediaKind
 from pp_media._hf.families.registry import family
 from pp_media._layouts import CountRows, MediaGroup, MediaLayout
 
+#: ``InternVLProcessor`` pops ``num_patches``; the collate puts it back for the tile split.
+IMAGES = replace(base.IMAGES, requires=("num_patches",))
 #: Images counted per sample, each ``num_patches`` tiles (rows of ``pixel_values``).
 TILE_LAYOUT = MediaLayout(
     (MediaGroup("pixel_values", items="n_images_per_sample", rows=CountRows("num_patches")),)

@@ -30,7 +30,7 @@ from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind, _flat
 from pp_media._hf.families.registry import family
 
-IMAGES = replace(base.IMAGES, feature_fields=("image_sizes",))
+IMAGES = replace(base.IMAGES, feature_fields=("image_sizes",), requires=("image_sizes",))
 VIDEOS = base.VIDEOS
 
 #: A one-character placeholder string: the length of ``replace_image_token``'s result is then

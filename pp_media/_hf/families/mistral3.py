@@ -13,7 +13,7 @@ from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
 from pp_media._hf.families.registry import family
 
-IMAGES = replace(base.IMAGES, feature_fields=("image_sizes",))
+IMAGES = replace(base.IMAGES, feature_fields=("image_sizes",), requires=("image_sizes",))
 
 
 @family

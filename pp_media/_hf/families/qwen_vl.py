@@ -13,8 +13,8 @@ from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
 from pp_media._hf.families.registry import family
 
-IMAGES = replace(base.IMAGES, feature_fields=("image_grid_thw",))
-VIDEOS = replace(base.VIDEOS, feature_fields=("video_grid_thw",))
+IMAGES = replace(base.IMAGES, feature_fields=("image_grid_thw",), requires=("image_grid_thw",))
+VIDEOS = replace(base.VIDEOS, feature_fields=("video_grid_thw",), requires=("video_grid_thw",))
 _GRID = {"image": "image_grid_thw", "video": "video_grid_thw"}
 _ROPE_FIELDS = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 #: Value of ``mm_token_type_ids`` at each kind's placeholders (0 elsewhere).

@@ -17,7 +17,11 @@ from pp_media._hf.families.base import FamilyAdapter, MediaKind, _flat
 from pp_media._hf.families.registry import family
 from pp_media._layouts import STEP3_IMAGES, MediaLayout
 
-IMAGES = replace(base.IMAGES, rows_per_sample=True)
+IMAGES = replace(
+    base.IMAGES,
+    rows_per_sample=True,
+    requires_with=(("pixel_values_local", "num_local_patches"),),
+)
 #: The seed's Step3 group under Step3p7's processor names.
 STEP3P7_LAYOUT = MediaLayout(
     (
