@@ -183,9 +183,9 @@ def test_a_bad_batch_on_one_replica_raises_the_same_error_on_every_rank(
     assert message is not None
     assert message.startswith(
         "pp_media: the batch of data-parallel replica 1 (ranks [2, 3]) failed its check, so "
-        "no rank starts this step: 'input_ids' (shape (6, 64), dtype torch.int64): expected "
+        "no rank starts this step: microbatch 0, sample 0 of the batch: "
     )
-    assert "placeholder tokens (id 990)" in message
+    assert "image placeholder tokens (id 990) in input_ids are not whole images" in message
 
 
 def test_ranks_of_one_pipeline_with_different_batches_raise_everywhere(

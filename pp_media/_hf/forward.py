@@ -1,9 +1,9 @@
 """The pipelined model's logits for a whole batch, forward only: what an exported model must match.
 
-torch's schedules run forward only when their ``_has_backward`` is off (what ``schedule.eval``
-does); this runs the same path as ``VLMPipeline.step`` (prepared inputs, media routed to stage
-0) that way, under ``torch.no_grad`` with the stages in eval mode, and returns the last stage's
-outputs merged over the microbatches, without the pad rows that make microbatches even.
+The same forward-only path as ``VLMPipeline.eval_step`` (prepared inputs agreed over the mesh,
+media routed to stage 0, torch's ``schedule.eval`` under ``evaluation.forward_only``), asking
+the schedule for the last stage's outputs, merged over the microbatches, without the pad rows
+that make microbatches even.
 """
 
 from __future__ import annotations
@@ -15,38 +15,31 @@ import torch
 
 from pp_media._core.bounds import sample_bounds
 from pp_media._core.device import move_vlm_media_to_device
+from pp_media._hf.evaluation import check_forward_only, forward_only
 from pp_media._keys import VLM_PP_MEDIA_KEY
 from pp_media._pipeline.step import step_with_media
 
 
-@torch.no_grad()
 def forward_logits(pipe: Any, batch: Mapping[str, Any]) -> torch.Tensor | None:
     """Logits ``[B, T, vocab]`` of ``batch`` on the rank of the last stage, None elsewhere; the
-    parameters, their gradients and the stages' train/eval modes are left as they were."""
-    inputs = pipe.prepare(batch)
+    parameters, their gradients and the stages' train/eval modes are left as they were. Same
+    schedules as ``eval_step`` (not the V-shaped ones)."""
+    check_forward_only(pipe.layout)
+    inputs = pipe._prepare_replicas(batch)
     pipe.loss_fn.label_tokens = inputs.label_tokens
     kwargs = {name: value.to(pipe.device) for name, value in inputs.kwargs.items()}
     media = move_vlm_media_to_device({VLM_PP_MEDIA_KEY: inputs.media}, pipe.device)
-    schedule = pipe.schedule
-    modes = [stage.training for stage in pipe.stages]
-    had_backward = schedule._has_backward
-    schedule._has_backward = False
-    try:
-        for stage in pipe.stages:
-            stage.eval()
+    with forward_only(pipe.stages):
         outputs = step_with_media(
-            schedule,
+            pipe.schedule,
             inputs.input_ids.to(pipe.device),
             media=media[VLM_PP_MEDIA_KEY],
             target=inputs.labels.to(pipe.device) if pipe.has_last_stage else None,
             losses=[] if pipe.has_last_stage else None,
             return_outputs=True,
+            forward_only=True,
             **kwargs,
         )
-    finally:
-        schedule._has_backward = had_backward
-        for stage, mode in zip(pipe.stages, modes, strict=True):
-            stage.train(mode)
     if not pipe.has_last_stage:
         return None
     logits = outputs[0] if isinstance(outputs, tuple) else outputs
