@@ -25,7 +25,12 @@ import torch
 
 from pp_media._core.bounds import sample_bounds, sample_ends_tensor
 from pp_media._core.errors import check_microbatches, media_error
-from pp_media._core.reading import GroupReading, present_media, read_media
+from pp_media._core.reading import (
+    GroupReading,
+    flat_grid_types_fit,
+    present_media,
+    read_media,
+)
 from pp_media._layouts import SEED_LAYOUT, MediaGroup, MediaLayout
 
 #: A per-sample cost: a ``[B]`` tensor (or sequence), or a function of the batch returning one.
@@ -365,7 +370,6 @@ def _plan_on_host(layout: SampleLayout, user: torch.Tensor | None, m: int) -> _P
 
 
 #: Integer dtypes the common layout's short path accepts (the general one takes others too).
-_INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
 
 
 def plan_flat_counted(
@@ -379,17 +383,7 @@ def plan_flat_counted(
     which the general path then plans or rejects with the message naming the field.
     """
     pixels, grid, counts = (present[name] for name in fields)
-    if not (
-        isinstance(pixels, torch.Tensor)
-        and isinstance(grid, torch.Tensor)
-        and isinstance(counts, torch.Tensor)
-        and grid.dim() == 2
-        and counts.dim() == 1
-        and pixels.dim() != 0
-        and grid.dtype in _INT_DTYPES
-        and counts.dtype in _INT_DTYPES
-        and counts.device == grid.device
-    ):
+    if not flat_grid_types_fit(pixels, grid, counts):
         return None
     n_items, n_rows = grid.shape[0], pixels.shape[0]
     if counts.shape[0] != b or n_rows == n_items or b + n_items > _HOST_PLAN_MAX:

@@ -337,3 +337,24 @@ def _read_group(group: MediaGroup, present: Mapping[str, Any], b: int) -> GroupR
         item_fields,
         sample_fields,
     )
+
+
+_INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+
+
+def flat_grid_types_fit(pixels: Any, grid: Any, counts: Any) -> bool:
+    """Whether flat pixels, a grid and per-sample counts have the types, ranks and dtypes the
+    short split and planning paths take (``[rows, ...]``, ``[items, k]`` integer, ``[B]``
+    integer, grid and counts on one device). False sends the batch to the general path, which
+    splits it or names the field that is wrong."""
+    return (
+        isinstance(pixels, torch.Tensor)
+        and isinstance(grid, torch.Tensor)
+        and isinstance(counts, torch.Tensor)
+        and grid.dim() == 2
+        and counts.dim() == 1
+        and pixels.dim() != 0
+        and grid.dtype in _INT_DTYPES
+        and counts.dtype in _INT_DTYPES
+        and counts.device == grid.device
+    )

@@ -21,7 +21,7 @@ from pp_media._core.bounds import (
     sample_row_counts,
 )
 from pp_media._core.host_read import DeferredHostRead
-from pp_media._core.reading import GroupReading
+from pp_media._core.reading import GroupReading, flat_grid_types_fit
 
 Chunks = dict[str, list[torch.Tensor]]
 Finish = Callable[[list[list[int]]], Chunks]
@@ -185,7 +185,6 @@ def _reduce_on_device(
 
 
 #: Integer dtypes the fast path accepts (the general path also takes other non-float ones).
-_INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
 
 FlatChunks = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
 
@@ -202,17 +201,7 @@ def split_flat_counted(
     ``plan_media_group`` to split or to reject with the message naming the field. One host
     read; a rejected bad batch costs a second one, on the error path only.
     """
-    if not (
-        isinstance(pixels, torch.Tensor)
-        and isinstance(grid, torch.Tensor)
-        and isinstance(counts, torch.Tensor)
-        and grid.dim() == 2
-        and counts.dim() == 1
-        and pixels.dim() != 0
-        and grid.dtype in _INT_DTYPES
-        and counts.dtype in _INT_DTYPES
-        and counts.device == grid.device
-    ):
+    if not flat_grid_types_fit(pixels, grid, counts):
         return None
     n_items = grid.shape[0]
     n_rows = pixels.shape[0]
