@@ -6,6 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 
+def _rgb_values(image: Any) -> Any:
+    """``[H * W, 3]`` float32 pixel values of a PIL image in RGB, row by row (what
+    ``list(image.getdata())`` gave, without the per-pixel Python tuples Pillow 14 drops)."""
+    import torch
+
+    raw = bytearray(image.convert("RGB").tobytes())
+    return torch.frombuffer(raw, dtype=torch.uint8).to(torch.float32).view(-1, 3)
+
+
 class FlatPatchLayout:
     """Stand-in for an image processor that needs torchvision (Kimi-K2.5's): images become
     exactly its output layout, ``pixel_values [sum(h*w), C, patch, patch]`` (each image cut into
@@ -22,7 +31,7 @@ class FlatPatchLayout:
         patch = self.patch_size
         pixels, grids = [], []
         for image in images:
-            array = torch.tensor(list(image.getdata()), dtype=torch.float32)
+            array = _rgb_values(image)
             height, width = image.height // patch * patch, image.width // patch * patch
             array = array.view(image.height, image.width, 3)[:height, :width] / 127.5 - 1
             tiles = array.view(height // patch, patch, width // patch, patch, 3)
@@ -41,10 +50,9 @@ class Step3Layout:
         self.size = size
 
     def _tensor(self, image: Any, size: int) -> Any:
-        import torch
 
         resized = image.convert("RGB").resize((size, size))
-        pixels = torch.tensor(list(resized.getdata()), dtype=torch.float32) / 127.5 - 1
+        pixels = _rgb_values(resized) / 127.5 - 1
         return pixels.view(size, size, 3).permute(2, 0, 1)
 
     def __call__(self, images: list[Any], return_tensors: str = "pt") -> dict[str, Any]:
