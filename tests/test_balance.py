@@ -188,6 +188,58 @@ def test_assignment_is_close_to_full_lpt_and_the_same_on_every_path(kind: str) -
         assert balanced <= max(1.05 * _reference_lpt(costs, m), max(_loads(torch.tensor(costs), m)))
 
 
+def _reference_order(costs: list[float], m: int) -> list[int]:
+    """The documented rule (``balance``'s docstring), written out plainly: rounds dealt one by
+    one while a round's largest cost exceeds 1/16 of the mean microbatch load (16 at most),
+    the rest back and forth over the bins by load; fuller bins first; batch order inside."""
+    b = len(costs)
+    if m == 1 or b == m:
+        return list(range(b))
+    by_cost = sorted(range(b), key=lambda i: (-costs[i], i))
+    loads, bin_of, start = [0] * m, {}, 0
+
+    def by_load() -> list[int]:
+        return sorted(range(m), key=lambda j: (loads[j], j))
+
+    while start < b and start < 16 * m and costs[by_cost[start]] * 16 * m > sum(costs):
+        for target, i in zip(by_load(), by_cost[start : start + m], strict=False):
+            bin_of[i], loads[target] = target, loads[target] + costs[i]
+        start += m
+    ranked = by_load()
+    for k, i in enumerate(by_cost[start:]):
+        lap, column = divmod(k, m)
+        target = ranked[column] if lap % 2 == 0 else ranked[m - 1 - column]
+        bin_of[i], loads[target] = target, loads[target] + costs[i]
+    if max(_loads(torch.tensor(costs, dtype=torch.float64), m)) <= max(loads) * (1 + 1e-9):
+        return list(range(b))
+    fuller = sorted({bin_of[i] for i in by_cost[b - b % m :]}) if b % m else []
+    by_position = fuller + [j for j in range(m) if j not in fuller]
+    return sorted(range(b), key=lambda i: (by_position.index(bin_of[i]), i))
+
+
+@given(
+    st.integers(1, 160).flatmap(
+        lambda b: st.tuples(
+            st.one_of(
+                st.lists(st.integers(0, 3), min_size=b, max_size=b),  # many ties
+                st.lists(st.integers(0, 10**6), min_size=b, max_size=b),
+                st.lists(st.integers(0, 4000).map(lambda q: q / 4), min_size=b, max_size=b),
+            ),
+            st.integers(1, b),
+        )
+    ),
+    st.sampled_from(PATHS),
+)
+def test_the_deal_is_the_documented_rule(costs_m: tuple[list[float], int], path: Any) -> None:
+    """Every planning path deals random costs (ties, wide ranges, exact floats) exactly as
+    the plain reference does."""
+    costs, m = costs_m
+    b = len(costs)
+    with _on_path(path):
+        order = balance_microbatches({"input_ids": torch.arange(b)}, b, m, cost=costs)
+    assert order.tolist() == _reference_order(costs, m)
+
+
 def test_long_tail_puts_one_heavy_sample_in_each_microbatch() -> None:
     """40 samples, 4 heavy ones clustered in the first microbatch: one heavy per microbatch."""
     costs = [1000, 900, 950, 1100] + [10 + i % 7 for i in range(36)]
