@@ -4,6 +4,7 @@ Run from the repository root::
 
     python benchmarks/bench_prepare.py            # ~1 s of timing per case
     python benchmarks/bench_prepare.py --quick    # fewer repetitions, for a smoke run
+    python benchmarks/bench_prepare.py --cpu-time # thread CPU time: a loaded machine
 
 For each (B, M) it builds one Qwen2-VL-like batch (0-3 images per sample, flat ``pixel_values``
 ``[total_patches, 1176]``, ``image_grid_thw``, ``n_images_per_sample``; text tensors ``[B, 256]``)
