@@ -153,6 +153,17 @@ class FamilyAdapter:
         builds them (a dict per layer type), from ``stage_fields`` such as ``token_type_ids``."""
         return attention_mask
 
+    def router(self, layer: nn.Module) -> tuple[nn.Module, int] | None:
+        """For one decoder layer, the module whose forward output transformers records as
+        ``router_logits`` and the index into that output; None for a layer without experts
+        (the default: no router load-balancing loss)."""
+        return None
+
+    def text_model_fields(self, fields: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Text-model keyword arguments, from this microbatch's ``stage_fields``, that every
+        MoE layer needs (ernie4_5_vl_moe's ``moe_mm_token_type_ids``); default none."""
+        return {}
+
     def final_logits(self, config: Any, logits: torch.Tensor) -> torch.Tensor:
         """The LM head's output as the family's ``forward`` returns it (e.g. soft-capped)."""
         return logits
