@@ -137,6 +137,7 @@ class VLMStage(nn.Module):
             position_ids=position_ids,
             use_cache=False,
             **text_kwargs,
+            **adapter.text_model_fields(fields),
         ).last_hidden_state
         if self.is_last:
             logits = self.get_submodule(adapter.head_path)(hidden)
