@@ -321,8 +321,9 @@ def _owners(stages: Sequence[nn.Module], skeleton: PreTrainedModel) -> dict[int,
 
 
 def _sentinel(like: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """An uninitialised-looking buffer: NaN (floats) or the minimum (integers)."""
-    if like.is_floating_point():
+    """An uninitialised-looking buffer: NaN (floats, complex: Llama4's rotary ``freqs_cis``)
+    or the minimum (integers)."""
+    if like.is_floating_point() or like.is_complex():
         return torch.full_like(like, math.nan, device=device)
     if like.dtype == torch.bool:
         return torch.zeros_like(like, device=device)
@@ -332,7 +333,7 @@ def _sentinel(like: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _still_sentinel(value: torch.Tensor) -> bool:
     if value.numel() == 0 or value.dtype == torch.bool:
         return False
-    if value.is_floating_point():
+    if value.is_floating_point() or value.is_complex():
         return bool(value.isnan().any())
     return bool((value == torch.iinfo(value.dtype).min).all())
 
