@@ -208,9 +208,12 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
 
 
 def reference_losses(plan: DemoPlan) -> list[float]:
-    """The unsplit model, one process: ``model(**batch, labels=labels)`` per step."""
+    """The unsplit model, one process: ``model(**batch, labels=labels)`` per step (the
+    fixture's ``reference_loss``: Llama 4's is computed from its parts, its forward fails)."""
     import transformers
     from tqdm import tqdm
+
+    from pp_media.testing import reference_loss
 
     device = torch.device("cuda" if plan.device.startswith("cuda") else "cpu")
     torch.set_num_threads(_threads_per_process(plan))
@@ -228,7 +231,7 @@ def reference_losses(plan: DemoPlan) -> list[float]:
         tokens = [count_label_tokens(share["labels"]) for share in shares]
         loss_sum = 0.0
         for share, share_tokens in zip(shares, tokens, strict=True):
-            loss = model(**share).loss
+            loss = reference_loss(model, share)
             if plan.dp_size > 1:  # mean over the global batch: weight by the share's tokens
                 loss = loss * (share_tokens / max(sum(tokens), 1))
             loss.backward()
