@@ -70,7 +70,16 @@ Qwen3.5                                4.8e-7     1.7e-8
 Kimi-K2.5 (images, videos)             4.8e-7     1.9e-8
 Step3p7 (1F1B, GPipe)                  9.5e-7     3.5e-8
 LLaVA-NeXT, LLaVA-OneVision            4.8e-7     1.2e-7
+ERNIE-4.5-VL MoE (tied, interleaved)   1.4e-6     5.4e-8     1.2e-7      2 SGD steps tied
+ERNIE-4.5-VL MoE, router loss on       9.5e-7     3.0e-8                 per-microbatch ref.
+Llama 4 (1F1B, Interleaved1F1B)        4.8e-7     2.6e-8                 reference from parts
 =====================================  =========  =========  ==========  =====================
+
+ERNIE-4.5-VL routes vision tokens to its vision experts by ``moe_mm_token_type_ids``: without it
+the reference's loss moves by 3.9e-4 to 8.1e-4 and its gradients by 7.2e-3 to 8.0e-3. Llama 4's
+reference is ``pp_media.testing.reference_loss``: ``Llama4ForConditionalGeneration.forward``
+raises in transformers 5.24 (modeling_llama4.py:1318) right after computing its loss, which
+``test_moe_families.py`` reads from the failing frame and finds equal to that reference.
 
 Gradients are up to 1.3 in magnitude; the two copies of a tied embedding stay bit-for-bit
 equal. In tied Gemma3 the ulp-level differences left by each SGD step grow about 3-4x a step
