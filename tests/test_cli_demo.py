@@ -203,7 +203,7 @@ _MOE_ROW = re.compile(
 )
 _ROUTER_LINE = re.compile(
     r"minus the whole-batch aux: mean ([-+]\d\.\d+e[-+]\d+), largest ([-+]\d\.\d+e[-+]\d+) over "
-    r"(\d+) step\(s\); max \|difference\| from the reference's per-microbatch aux (\S+)$",
+    r"(\d+) steps; max \|difference\| from the reference's per-microbatch aux (\S+)$",
     re.MULTILINE,
 )
 
