@@ -128,24 +128,44 @@ def test_fused_balance_and_split_equals_the_two_in_turn(spec: BatchSpec, data: A
         assert all(torch.equal(x, y) for x, y in zip(got, chunks, strict=True)), name
 
 
-@given(batch_specs(layouts=("qwen", "kimi"), videos=False), st.integers(1, 12))
+def _same(got: Any, want: Any) -> bool:
+    """Equal values of the same kinds: tensors (and dtypes), lists, tuples, numbers."""
+    if isinstance(got, torch.Tensor) or isinstance(want, torch.Tensor):
+        return (
+            isinstance(got, torch.Tensor)
+            and isinstance(want, torch.Tensor)
+            and (got.dtype == want.dtype and torch.equal(got, want))
+        )
+    if isinstance(got, list | tuple):
+        return type(got) is type(want) and len(got) == len(want) and all(map(_same, got, want))
+    return got == want
+
+
+@given(
+    batch_specs(layouts=("qwen", "kimi"), videos=False),
+    st.integers(1, 12),
+    st.sampled_from(PATHS),
+)
 def test_the_common_layout_plans_on_a_short_path_as_the_general_one(
-    spec: BatchSpec, m: int
+    spec: BatchSpec, m: int, path: tuple[int, int]
 ) -> None:
-    """Flat images, a grid, counts: the short path's plan is the general path's."""
+    """Flat images, a grid, counts: the short path's plan (host lists or tensors) is the
+    general path's."""
     batch = build_batch(spec).batch
     b = spec.batch_size
     m = min(m, b)
     layout = pp_media.SEED_LAYOUT
     present = reading_module.present_media(batch, layout)
     fields = reading_module.flat_counted_fields(layout, frozenset(present))
-    short = media_plan.plan_flat_counted(layout.groups[0], fields, present, b, m)
-    if short is None:  # one row per image: read as per-image rows, the general path's case
-        assert batch["pixel_values"].shape[0] == batch[fields[1]].shape[0]
-        return
-    _, general = media_plan._plan(batch, b, m, None)
-    for name in ("by_cost", "sorted_costs", "natural", "patches", "group_rows", "integer"):
-        assert getattr(short[1], name) == getattr(general, name), name
+    with _on_path(path):
+        short = media_plan.plan_flat_counted(layout.groups[0], fields, present, b, m)
+        if short is None:  # one row per image: read as per-image rows, the general path's case
+            assert batch["pixel_values"].shape[0] == batch[fields[1]].shape[0]
+            return
+        _, general = media_plan._plan(batch, b, m, None)
+    for name in general._fields:
+        if name != "cost_group":
+            assert _same(getattr(short[1], name), getattr(general, name)), name
 
 
 def _reference_lpt(costs: list[float], m: int) -> float:
@@ -186,6 +206,58 @@ def test_assignment_is_close_to_full_lpt_and_the_same_on_every_path(kind: str) -
         assert all(order == orders[0] for order in orders[1:]), (b, m)
         balanced = max(_loads(torch.tensor(costs)[orders[0]], m))
         assert balanced <= max(1.05 * _reference_lpt(costs, m), max(_loads(torch.tensor(costs), m)))
+
+
+def _reference_order(costs: list[float], m: int) -> list[int]:
+    """The documented rule (``balance``'s docstring), written out plainly: rounds dealt one by
+    one while a round's largest cost exceeds 1/16 of the mean microbatch load (16 at most),
+    the rest back and forth over the bins by load; fuller bins first; batch order inside."""
+    b = len(costs)
+    if m == 1 or b == m:
+        return list(range(b))
+    by_cost = sorted(range(b), key=lambda i: (-costs[i], i))
+    loads, bin_of, start = [0] * m, {}, 0
+
+    def by_load() -> list[int]:
+        return sorted(range(m), key=lambda j: (loads[j], j))
+
+    while start < b and start < 16 * m and costs[by_cost[start]] * 16 * m > sum(costs):
+        for target, i in zip(by_load(), by_cost[start : start + m], strict=False):
+            bin_of[i], loads[target] = target, loads[target] + costs[i]
+        start += m
+    ranked = by_load()
+    for k, i in enumerate(by_cost[start:]):
+        lap, column = divmod(k, m)
+        target = ranked[column] if lap % 2 == 0 else ranked[m - 1 - column]
+        bin_of[i], loads[target] = target, loads[target] + costs[i]
+    if max(_loads(torch.tensor(costs, dtype=torch.float64), m)) <= max(loads) * (1 + 1e-9):
+        return list(range(b))
+    fuller = sorted({bin_of[i] for i in by_cost[b - b % m :]}) if b % m else []
+    by_position = fuller + [j for j in range(m) if j not in fuller]
+    return sorted(range(b), key=lambda i: (by_position.index(bin_of[i]), i))
+
+
+@given(
+    st.integers(1, 160).flatmap(
+        lambda b: st.tuples(
+            st.one_of(
+                st.lists(st.integers(0, 3), min_size=b, max_size=b),  # many ties
+                st.lists(st.integers(0, 10**6), min_size=b, max_size=b),
+                st.lists(st.integers(0, 4000).map(lambda q: q / 4), min_size=b, max_size=b),
+            ),
+            st.integers(1, b),
+        )
+    ),
+    st.sampled_from(PATHS),
+)
+def test_the_deal_is_the_documented_rule(costs_m: tuple[list[float], int], path: Any) -> None:
+    """Every planning path deals random costs (ties, wide ranges, exact floats) exactly as
+    the plain reference does."""
+    costs, m = costs_m
+    b = len(costs)
+    with _on_path(path):
+        order = balance_microbatches({"input_ids": torch.arange(b)}, b, m, cost=costs)
+    assert order.tolist() == _reference_order(costs, m)
 
 
 def test_long_tail_puts_one_heavy_sample_in_each_microbatch() -> None:

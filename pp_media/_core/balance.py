@@ -25,11 +25,10 @@ device.
 
 from __future__ import annotations
 
-import array
 import functools
 import itertools
 from collections.abc import Collection, Mapping
-from operator import add, mul
+from operator import add, mod, mul
 from typing import Any, NamedTuple
 
 import torch
@@ -51,23 +50,50 @@ from pp_media._keys import VLM_PP_MEDIA_KEY
 class _Dealt(NamedTuple):
     """LPT by rounds over the sorted costs."""
 
-    #: Microbatch (bin id) of each sorted position dealt one by one.
-    head: list[int] | torch.Tensor
-    #: Bin ids by ascending load after the head: the boustrophedon's order.
-    ranked: list[int]
-    #: Sorted positions dealt in the boustrophedon (the last ones).
-    tail: int
-    #: Bins that take a sample in the last, partial round (they hold ``B // M + 1``).
-    fuller: set[int]
-    max_load: float
+    #: Bin id of each sorted position: host ints, or a CPU int64 tensor (tensor rounds).
+    bins: list[int] | torch.Tensor
+    #: Each bin's load, by bin id.
+    loads: list
+    #: Bins that take a sample in the last, partial round (they hold ``B // M + 1``), by id.
+    fuller: list[int]
 
 
-def _head_rounds_python(sorted_costs: list[float], end: int, m: int) -> tuple[list[int], list]:
-    loads: list = [0] * m
-    head: list[int] = []
-    for start in range(0, end, m):
-        ranked = sorted(range(m), key=loads.__getitem__)[: end - start]
-        for target, value in zip(ranked, sorted_costs[start : start + m], strict=False):
+class _Order(NamedTuple):
+    """A balanced order, and what the split after it needs."""
+
+    #: Row j holds sample ``order[j]`` (CPU int64).
+    order: torch.Tensor
+    #: The same as host ints (small batches; None: read it from ``order``).
+    samples: list[int] | None
+    #: Each microbatch's cost in the new order.
+    loads: list
+
+
+def _head_end(plan: _Plan, m: int, b: int) -> int:
+    """Sorted positions dealt one by one: whole rounds while a round's largest cost exceeds
+    1 / _HEAD_ROUNDS of the mean microbatch load, at most ``_HEAD_ROUNDS`` of them."""
+    if plan.head_rounds is not None:  # counted with tensor ops (the same test)
+        return min(b, plan.head_rounds * m)
+    sorted_costs = plan.sorted_costs
+    total, scale = sum(plan.natural), m * _HEAD_ROUNDS
+    stop, head_end = min(b, scale), 0
+    while head_end < stop and sorted_costs[head_end] * scale > total:
+        head_end += m
+    return min(head_end, b)
+
+
+def _head_rounds_python(costs: list, end: int, m: int) -> tuple[list[int], list]:
+    """The bins of the first ``end`` sorted positions, round by round, and the loads. The
+    first round finds every bin empty: its ties give bins 0, 1, ... in order."""
+    if not end:
+        return [], [0] * m
+    first = min(m, end)
+    loads = costs[:first] + [0] * (m - first)
+    head = list(range(first))
+    by_load = loads.__getitem__
+    for start in range(m, end, m):
+        ranked = sorted(range(m), key=by_load)[: end - start]
+        for target, value in zip(ranked, costs[start : start + m], strict=False):
             loads[target] += value
         head += ranked
     return head, loads
@@ -75,103 +101,65 @@ def _head_rounds_python(sorted_costs: list[float], end: int, m: int) -> tuple[li
 
 def _head_rounds_torch(sorted_costs: torch.Tensor, end: int, m: int) -> tuple[torch.Tensor, list]:
     """The same rounds as ``_head_rounds_python`` (same ties, same sums), with tensor ops."""
+    first = min(m, end)
     loads = sorted_costs.new_zeros(m)
-    rounds = []
-    for start in range(0, end, m):
+    loads[:first] = sorted_costs[:first]
+    rounds = [torch.arange(first)]
+    for start in range(m, end, m):
         ranked = torch.sort(loads, stable=True).indices[: end - start]
         loads.index_add_(0, ranked, sorted_costs[start : start + m])
         rounds.append(ranked)
-    return torch.cat(rounds), loads.tolist()
-
-
-def _by_load(loads: list) -> tuple[list[int], list]:
-    """Bin ids by ascending load (ties: lower id), and their loads."""
-    ranked = sorted(range(len(loads)), key=loads.__getitem__)
-    return ranked, list(map(loads.__getitem__, ranked))
+    return torch.cat(rounds) if len(rounds) > 1 else rounds[0], loads.tolist()
 
 
 def _deal(plan: _Plan, m: int) -> _Dealt:
-    """Deal the sorted costs into ``m`` microbatches (see the module docstring)."""
+    """Deal the sorted costs into ``m`` bins (see the module docstring)."""
     sorted_costs = plan.sorted_costs
     b = len(sorted_costs)
-    if plan.head_rounds is None:
-        assert isinstance(sorted_costs, list)
-        # A round is dealt one by one while its largest cost exceeds 1 / _HEAD_ROUNDS of the
-        # mean microbatch load (the same test as _plan_on_device's).
-        total, scale = sum(plan.natural), m * _HEAD_ROUNDS
-        head_end = 0
-        while head_end < min(b, scale) and sorted_costs[head_end] * scale > total:
-            head_end += m
-        head_end = min(head_end, b)
-        head_costs = sorted_costs
-    else:
-        head_end = min(b, plan.head_rounds * m)
-        head_costs = plan.head_costs
-    head: list[int] | torch.Tensor
+    head_end = _head_end(plan, m, b)
+    bins: list[int] | torch.Tensor
     if m > media_plan._PYTHON_ROUND_MAX and head_end:
         tensor = sorted_costs
         if not isinstance(tensor, torch.Tensor):
             tensor = _list_tensor(sorted_costs[:head_end], plan.integer)
-        head, loads = _head_rounds_torch(tensor, head_end, m)
-        last_round = head[(head_end - 1) // m * m :].tolist()
-        ranked, ranked_loads = _by_load(loads)
+        bins, loads = _head_rounds_torch(tensor, head_end, m)
     else:
-        head, loads = _head_rounds_python(head_costs or [], head_end, m)
-        ranked, ranked_loads = _by_load(loads)
-        last_round = head[(head_end - 1) // m * m :] if head_end else []
+        head_costs = sorted_costs if plan.head_costs is None else plan.head_costs
+        bins, loads = _head_rounds_python(head_costs, head_end, m)
+    n_last = b % m
     tail = b - head_end
     if tail:
-        # The bins of the boustrophedon's last round (forward or backward: only the set counts).
-        first_of_last = (tail - 1) // m * m
-        n_last = tail - first_of_last
-        last_round = ranked[m - n_last :] if (first_of_last // m) % 2 else ranked[:n_last]
-        ranked_loads = list(map(add, ranked_loads, _column_sums(sorted_costs[head_end:], m)))
-    fuller = set(last_round) if len(last_round) < m else set()
-    return _Dealt(head, ranked, tail, fuller, max(ranked_loads))
+        # The rest in one boustrophedon over the bins by load (ties: lower id).
+        ranked = sorted(range(m), key=loads.__getitem__)
+        tail_bins = _tail_bins(ranked, tail)
+        if isinstance(sorted_costs, list):
+            for target, value in zip(tail_bins, sorted_costs[head_end:], strict=True):
+                loads[target] += value
+        else:
+            for target, value in zip(ranked, _column_sums(sorted_costs[head_end:], m), strict=True):
+                loads[target] += value
+        if isinstance(bins, list):
+            bins += tail_bins
+        else:
+            bins = torch.cat((bins, _int64_tensor(tail_bins)))
+        last = tail_bins[tail - n_last :] if n_last else []
+    else:
+        last = bins[b - n_last :] if n_last else []
+        if isinstance(last, torch.Tensor):
+            last = last.tolist()
+    return _Dealt(bins, loads, sorted(last))
 
 
-def _column_sums(tail_costs: list[float] | torch.Tensor, m: int) -> list[float]:
+def _column_sums(tail_costs: torch.Tensor, m: int) -> list[float]:
     """Boustrophedon column sums: forward rounds add to column c, backward ones to m - 1 - c."""
-    rounds = -(-len(tail_costs) // m)
-    if isinstance(tail_costs, list):
-        if rounds <= 2:
-            sums = tail_costs[:m] + [0] * (m - min(m, len(tail_costs)))
-            back = tail_costs[m:]
-            if back:
-                sums[m - len(back) :] = map(add, sums[m - len(back) :], reversed(back))
-            return sums
-        tail_costs = torch.frombuffer(array.array("d", tail_costs), dtype=torch.float64)
-    columns = _boustrophedon(m, rounds * m)[: tail_costs.numel()]
+    columns = _boustrophedon(m, -(-tail_costs.numel() // m) * m)[: tail_costs.numel()]
     return tail_costs.new_zeros(m).index_add_(0, columns, tail_costs).tolist()
-
-
-def _positions(dealt: _Dealt, m: int) -> list[int] | None:
-    """Microbatch position of each bin: fuller bins first (``tensor_split``), then by id; None
-    when no bin is fuller (every bin keeps its id)."""
-    if not dealt.fuller:
-        return None
-    order = sorted(dealt.fuller)
-    order += [bin_id for bin_id in range(m) if bin_id not in dealt.fuller]
-    return sorted(range(m), key=order.__getitem__)  # the inverse permutation of ``order``
 
 
 def _tail_bins(ranked: list[int], tail: int) -> list[int]:
     """Bins of boustrophedon positions 0..tail-1 over ``ranked``: forward, backward, ..."""
     there_and_back = ranked + ranked[::-1]
     return (there_and_back * -(-tail // len(there_and_back)))[:tail]
-
-
-def _order_on_host(by_cost: list[int], dealt: _Dealt, m: int) -> torch.Tensor:
-    b = len(by_cost)
-    position = _positions(dealt, m)
-    bins = dealt.head if isinstance(dealt.head, list) else dealt.head.tolist()
-    if dealt.tail:
-        bins = bins + _tail_bins(dealt.ranked, dealt.tail)
-    microbatch = bins if position is None else map(position.__getitem__, bins)
-    # One int per sample, microbatch * b + sample: sorted, they order by microbatch, then sample.
-    keys = list(map(add, map(mul, microbatch, itertools.repeat(b)), by_cost))
-    keys.sort()
-    return _int64_tensor(keys) % b
 
 
 @functools.lru_cache(maxsize=64)
@@ -182,38 +170,47 @@ def _boustrophedon(m: int, n: int) -> torch.Tensor:
     return torch.where((q // m) % 2 == 1, m - 1 - column, column)
 
 
-def _order_on_device(by_cost: torch.Tensor, dealt: _Dealt, m: int) -> torch.Tensor:
-    """The same permutation as ``_order_on_host``, with tensor ops (on the CPU)."""
-    b = by_cost.numel()
-    position = _positions(dealt, m)
-    tail = _tail_bins(dealt.ranked, dealt.tail)
-    if isinstance(dealt.head, list):
-        bins = dealt.head + tail
-        microbatch = _int64_tensor(bins if position is None else [position[i] for i in bins])
-    else:
-        microbatch = dealt.head
-        if position is not None:
-            microbatch = _int64_tensor(position).index_select(0, microbatch)
-            tail = [position[i] for i in tail]
-        if tail:
-            microbatch = torch.cat((microbatch, _int64_tensor(tail)))
-    # Sorting (microbatch, sample) keys orders by microbatch, then by batch index.
-    key = microbatch * b + _to(by_cost, torch.device("cpu"), torch.int64)
-    return torch.sort(key).values % b
+def _order(by_cost: list[int] | torch.Tensor, dealt: _Dealt, m: int) -> _Order:
+    """Microbatch positions (fuller bins first, as ``tensor_split`` requires, then by id), each
+    holding its samples in batch order."""
+    b = len(by_cost)
+    bins, loads = dealt.bins, dealt.loads
+    position = None
+    if dealt.fuller:
+        fuller = set(dealt.fuller)
+        by_position = dealt.fuller + [i for i in range(m) if i not in fuller]
+        position = sorted(range(m), key=by_position.__getitem__)  # its inverse
+        loads = list(map(loads.__getitem__, by_position))
+    if isinstance(by_cost, list) and isinstance(bins, list):
+        microbatch = bins if position is None else map(position.__getitem__, bins)
+        # One int per sample, microbatch * b + sample: sorted, by microbatch, then sample.
+        keys = sorted(map(add, map(mul, microbatch, itertools.repeat(b)), by_cost))
+        samples = list(map(mod, keys, itertools.repeat(b)))
+        return _Order(_int64_tensor(samples), samples, loads)
+    microbatch = bins if isinstance(bins, torch.Tensor) else _int64_tensor(bins)
+    if position is not None:
+        microbatch = _int64_tensor(position).index_select(0, microbatch)
+    by_cost_t = by_cost if isinstance(by_cost, torch.Tensor) else _int64_tensor(by_cost)
+    key = microbatch * b + _to(by_cost_t, torch.device("cpu"), torch.int64)
+    return _Order(torch.sort(key).values % b, None, loads)
 
 
-def _permutation(plan: _Plan, m: int) -> torch.Tensor | None:
+def _balanced_order(plan: _Plan, m: int) -> _Order | None:
     """The balanced order, or None when the batch order is at least as even."""
     b = len(plan.sorted_costs)
     if m == 1 or b == m:
         return None
     dealt = _deal(plan, m)
     # A relative slack keeps float costs summed in another order from forcing a useless copy.
-    if max(plan.natural) <= dealt.max_load * (1 + 1e-9):
+    if max(plan.natural) <= max(dealt.loads) * (1 + 1e-9):
         return None
-    if isinstance(plan.by_cost, list):
-        return _order_on_host(plan.by_cost, dealt, m)
-    return _order_on_device(plan.by_cost, dealt, m)
+    return _order(plan.by_cost, dealt, m)
+
+
+def _permutation(plan: _Plan, m: int) -> torch.Tensor | None:
+    """The balanced order as a tensor, or None when the batch order is at least as even."""
+    order = _balanced_order(plan, m)
+    return None if order is None else order.order
 
 
 def _segment_index(lengths: torch.Tensor, order: torch.Tensor, total: int) -> torch.Tensor:

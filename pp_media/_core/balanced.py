@@ -10,6 +10,7 @@ read once for both.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import operator
 from collections.abc import Collection, MutableMapping, Sequence
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pp_media._core.balance import _permutation, permuted_fields
+from pp_media._core.balance import _balanced_order, _Order, permuted_fields
 from pp_media._core.bounds import sample_bounds, sample_ends_tensor
 from pp_media._core.errors import check_microbatches, require_int_tensor, require_tensor
 from pp_media._core.media_plan import (
@@ -36,7 +37,7 @@ from pp_media._core.reading import (
 )
 from pp_media._core.row_maps import Chunks, split_group
 from pp_media._keys import VLM_PP_MEDIA_KEY
-from pp_media._layouts import SEED_LAYOUT, MediaLayout
+from pp_media._layouts import SEED_LAYOUT, MediaGroup, MediaLayout
 
 #: Batch key under which ``wrap_vlm_collate_for_pp(..., balance_media=...)`` records the order:
 #: an int64 tensor with one entry per row the engine splits, ``order[j]`` = index in the collated
@@ -59,7 +60,7 @@ def _balanced(
     n_microbatches: int,
     cost: SampleCost | None,
     layout: MediaLayout,
-) -> tuple[SampleLayout, _Plan | None, torch.Tensor | None]:
+) -> tuple[SampleLayout, _Plan | None, _Order | None]:
     """The batch read once: where its media go, the plan, and the order (None: keep it)."""
     check_microbatches(batch_size, n_microbatches)
     _refuse_prepared(batch)
@@ -68,7 +69,7 @@ def _balanced(
         present = present_media(batch, layout)
         fields = flat_counted_fields(layout, frozenset(present)) if present else None
         if fields is not None:
-            group = next(g for g in layout.groups if g.pixels == fields[0])
+            group = _group_of(layout, fields[0])
             short = plan_flat_counted(group, fields, present, batch_size, n_microbatches)
     if short is not None:
         # Where the fields go when samples move is only needed to move them: see _moves.
@@ -76,8 +77,14 @@ def _balanced(
         sample_layout = SampleLayout(batch_size, layout.media_fields, pending=[reading])
     else:
         sample_layout, plan = _plan(batch, batch_size, n_microbatches, cost, layout)
-    order = None if plan is None else _permutation(plan, n_microbatches)
+    order = None if plan is None else _balanced_order(plan, n_microbatches)
     return sample_layout, plan, order
+
+
+@functools.lru_cache(maxsize=64)
+def _group_of(layout: MediaLayout, pixels: str) -> MediaGroup:
+    """The first group of ``layout`` with these pixels (cached: layouts compare by identity)."""
+    return next(group for group in layout.groups if group.pixels == pixels)
 
 
 def balance_microbatches(
@@ -112,11 +119,11 @@ def balance_microbatches(
     ``prepare_vlm_media_for_pp`` rejects raises a ``ValueError`` naming the field here too, with
     the batch unchanged.
     """
-    sample_layout, plan, order = _balanced(batch, batch_size, n_microbatches, cost, layout)
-    if order is None:
+    sample_layout, plan, balanced = _balanced(batch, batch_size, n_microbatches, cost, layout)
+    if balanced is None:
         return torch.arange(batch_size)
-    batch.update(permuted_fields(batch, sample_layout.complete(), plan, order, keys))
-    return order
+    batch.update(permuted_fields(batch, sample_layout.complete(), plan, balanced.order, keys))
+    return balanced.order
 
 
 def balance_and_prepare_vlm_media_for_pp(
@@ -168,20 +175,26 @@ def _plan_balanced_split(
 ) -> tuple[SampleLayout, _Plan, torch.Tensor | None, Splits] | None:
     """Everything but moving the data: the order, and the split offsets of the permuted batch
     from the plan's per-sample rows (no second read). None: no media and no cost."""
-    sample_layout, plan, order = _balanced(batch, batch_size, n_microbatches, cost, layout)
+    sample_layout, plan, balanced = _balanced(batch, batch_size, n_microbatches, cost, layout)
     if plan is None:
         return None
     readings = [group.reading for group in sample_layout.groups] + sample_layout.pending
-    lists = any(isinstance(part, list) for pair in plan.group_rows for part in pair)
-    positions = order.tolist() if order is not None and lists else None
-    splits: Splits = [
-        (
-            reading,
-            _bounds(items, order, positions, batch_size, n_microbatches),
-            _bounds(rows, order, positions, batch_size, n_microbatches),
-        )
-        for reading, (items, rows) in zip(readings, plan.group_rows, strict=True)
-    ]
+    order = positions = None
+    if balanced is not None:
+        order, positions = balanced.order, balanced.samples
+    splits: Splits = []
+    for index, (reading, (items, rows)) in enumerate(zip(readings, plan.group_rows, strict=True)):
+        lists = isinstance(items, list) or isinstance(rows, list)
+        if positions is None and order is not None and lists:
+            positions = order.tolist()
+        item_b = _bounds(items, order, positions, batch_size, n_microbatches)
+        if index == plan.cost_group:
+            # The group's rows are the costs: a microbatch's rows are its load.
+            loads = plan.natural if balanced is None else balanced.loads
+            pixel_b = list(itertools.accumulate(loads, initial=0))
+        else:
+            pixel_b = _bounds(rows, order, positions, batch_size, n_microbatches)
+        splits.append((reading, item_b, pixel_b))
     return sample_layout, plan, order, splits
 
 

@@ -25,12 +25,8 @@ import torch
 
 from pp_media._core.bounds import sample_bounds, sample_ends_tensor
 from pp_media._core.errors import check_microbatches, media_error
-from pp_media._core.reading import (
-    GroupReading,
-    flat_grid_types_fit,
-    present_media,
-    read_media,
-)
+from pp_media._core.reading import GroupReading, present_media, read_media
+from pp_media._core.row_maps import flat_counted_fits, flat_counted_sums
 from pp_media._layouts import SEED_LAYOUT, MediaGroup, MediaLayout
 
 #: A per-sample cost: a ``[B]`` tensor (or sequence), or a function of the batch returning one.
@@ -203,6 +199,8 @@ class _Plan(NamedTuple):
     #: Per group of ``SampleLayout.groups``: each sample's items (None: one each) and flat
     #: rows (None: not flat), host lists or CPU tensors, for the split after a permutation.
     group_rows: list[tuple[Any, Any]]
+    #: The group whose flat rows are the costs (a microbatch's rows are then its load).
+    cost_group: int | None = None
 
 
 def _int64_tensor(values: list[int]) -> torch.Tensor:
@@ -214,11 +212,11 @@ def _int64_tensor(values: list[int]) -> torch.Tensor:
 
 
 def _list_tensor(values: list, integer: bool) -> torch.Tensor:
-    """``torch.tensor(values)`` of a non-empty list of ints (int64) or floats (default dtype)."""
+    """``torch.tensor(values)`` of a non-empty list of ints (int64) or floats (float64: the
+    host's own sums)."""
     if integer:
         return _int64_tensor(values)
-    floats = torch.frombuffer(array.array("d", values), dtype=torch.float64)
-    return floats.to(torch.get_default_dtype())
+    return torch.frombuffer(array.array("d", values), dtype=torch.float64)
 
 
 def _sum_and_min(values: torch.Tensor) -> torch.Tensor:
@@ -369,44 +367,109 @@ def _plan_on_host(layout: SampleLayout, user: torch.Tensor | None, m: int) -> _P
     return _Plan(by_cost, sorted_costs, None, None, natural, patches, integer, group_rows)
 
 
-#: Integer dtypes the common layout's short path accepts (the general one takes others too).
-
-
 def plan_flat_counted(
     group: MediaGroup, fields: tuple[str, str, str], present: Mapping[str, Any], b: int, m: int
 ) -> tuple[GroupReading, _Plan] | None:
-    """The common layout (flat pixels, a 2-D grid, per-sample counts) of a small batch on a
-    short path: the checks of ``read_media``, one host read, the default costs, in Python.
+    """The common layout (flat pixels, a 2-D grid, per-sample counts) on a short path: the
+    split's own read (``row_maps.flat_counted_sums`` for small batches, its one prefix sum over
+    counts and patch sizes for larger ones on the CPU), with the checks of ``read_media``, then
+    the default costs.
 
     Returns the group's reading and the plan only for input the general path accepts too, with
-    the same plan; None for anything else (another type, dtype, shape or size, a bad value),
-    which the general path then plans or rejects with the message naming the field.
+    the same plan; None for anything else (another type, dtype, shape, size or device, a bad
+    value), which the general path then plans or rejects with the message naming the field.
     """
     pixels, grid, counts = (present[name] for name in fields)
-    if not flat_grid_types_fit(pixels, grid, counts):
+    if not flat_counted_fits(pixels, grid, counts, b):
         return None
-    n_items, n_rows = grid.shape[0], pixels.shape[0]
-    if counts.shape[0] != b or n_rows == n_items or b + n_items > _HOST_PLAN_MAX:
+    if b + grid.shape[0] > _HOST_PLAN_MAX:
+        plan = _plan_flat_counted_tensors(pixels, grid, counts, b, m)
+    else:
+        plan = _plan_flat_counted_lists(pixels, grid, counts, b, m)
+    if plan is None:
         return None
-    sizes = grid.prod(dim=1)
-    row = torch.cat((counts, sizes)).tolist()
-    if min(row) < 0:
+    reading = GroupReading(
+        group,
+        b,
+        pixels,
+        "rows",
+        counts,
+        True,
+        fields[1],
+        grid,
+        plan[1],
+        fields[1],
+        grid.shape[0],
+        [],
+        [],
+    )
+    return reading, plan[0]
+
+
+def _plan_flat_counted_lists(
+    pixels: torch.Tensor, grid: torch.Tensor, counts: torch.Tensor, b: int, m: int
+) -> tuple[_Plan, torch.Tensor] | None:
+    """Small batches: the split's host read, then everything in Python."""
+    sums = flat_counted_sums(pixels, grid, counts, b)
+    if sums is None:
         return None
-    item_sums = list(itertools.accumulate(row[:b], initial=0))
-    patch_sums = list(itertools.accumulate(row[b:], initial=0))
-    if item_sums[-1] != n_items or patch_sums[-1] != n_rows:
-        return None
-    ends = list(map(patch_sums.__getitem__, item_sums))
+    ends = list(map(sums.patch_sums.__getitem__, sums.item_sums))
     patches = list(map(sub, ends[1:], ends))
     bounds = sample_bounds(b, m)
     natural = list(map(sub, map(ends.__getitem__, bounds[1:]), map(ends.__getitem__, bounds)))
     by_cost = sorted(range(b), key=patches.__getitem__, reverse=True)
     sorted_costs = list(map(patches.__getitem__, by_cost))
-    reading = GroupReading(
-        group, b, pixels, "rows", counts, True, fields[1], grid, sizes, fields[1], n_items, [], []
+    group_rows = [(sums.counts, patches)]
+    plan = _Plan(by_cost, sorted_costs, None, None, natural, [patches], True, group_rows, 0)
+    return plan, sums.sizes
+
+
+def _plan_flat_counted_tensors(
+    pixels: torch.Tensor, grid: torch.Tensor, counts: torch.Tensor, b: int, m: int
+) -> tuple[_Plan, torch.Tensor] | None:
+    """Larger batches on the CPU: the split's prefix sum over the counts and patch sizes also
+    gives each sample's patches; one read of the checks, the batch order's loads and the costs
+    of the rounds dealt one by one (as ``_plan_on_device`` plans them)."""
+    if not (_is_host(grid.device) and _is_host(counts.device)):
+        return None
+    n_items = grid.shape[0]
+    sizes = grid.prod(dim=1)
+    values = torch.cat((counts, sizes))
+    sums = values.cumsum(0)
+    # sums[b - 1 + e]: every count plus the patches of the first e items.
+    offset = sums[b - 1 : b]
+    ends = sums[b - 1 :].index_select(0, sums[:b].clamp(0, n_items))
+    patches = torch.diff(ends, prepend=offset)
+    sorted_costs, by_cost = torch.sort(patches, descending=True, stable=True)
+    natural_ends = ends.index_select(0, sample_ends_tensor(b, m, ends.device))
+    python_rounds = m <= _PYTHON_ROUND_MAX
+    heads = sorted_costs[: _HEAD_ROUNDS * m] if python_rounds else sorted_costs[::m][:_HEAD_ROUNDS]
+    row = torch.cat((values.amin(0, keepdim=True), offset, sums[-1:], natural_ends, heads))
+    row = row.tolist()
+    minimum, n_counted, total = row[0], row[1], row[2] - row[1]
+    if minimum < 0 or n_counted != n_items or total != pixels.shape[0]:
+        return None
+    ends_list = row[3 : 3 + m]
+    natural = list(map(sub, ends_list, [n_counted, *ends_list[:-1]]))
+    head_values = row[3 + m :]
+    leading = head_values[::m] if python_rounds else head_values
+    scale, head_rounds = m * _HEAD_ROUNDS, 0
+    while head_rounds < len(leading) and leading[head_rounds] * scale > total:
+        head_rounds += 1
+    head_costs = head_values[: min(b, head_rounds * m)] if python_rounds else None
+    counts64 = _to(counts, counts.device, torch.int64)
+    plan = _Plan(
+        by_cost,
+        sorted_costs,
+        head_rounds,
+        head_costs,
+        natural,
+        [patches],
+        True,
+        [(counts64, patches)],
+        0,
     )
-    plan = _Plan(by_cost, sorted_costs, None, None, natural, [patches], True, [(row[:b], patches)])
-    return reading, plan
+    return plan, sizes
 
 
 def _plan(

@@ -12,6 +12,7 @@ import functools
 import itertools
 import operator
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -184,9 +185,46 @@ def _reduce_on_device(
     return torch.cat(queued)
 
 
-#: Integer dtypes the fast path accepts (the general path also takes other non-float ones).
-
 FlatChunks = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
+
+
+class FlatSums(NamedTuple):
+    """The common layout read on the host: per-sample item counts, their prefix sums, and the
+    prefix sums of the items' rows (``[0, s0, s0 + s1, ...]``), every check passed."""
+
+    counts: list[int]
+    item_sums: list[int]
+    patch_sums: list[int]
+    #: Rows of each item (``prod(grid, dim=1)``).
+    sizes: torch.Tensor
+
+
+def flat_counted_fits(pixels: object, grid: object, counts: object, batch_size: int) -> bool:
+    """Whether flat pixels, a grid and per-sample counts take the common layout's short paths
+    (types, ranks, dtypes, ``[B]`` counts, flat pixels)."""
+    return (
+        flat_grid_types_fit(pixels, grid, counts)
+        and counts.shape[0] == batch_size
+        and pixels.shape[0] != grid.shape[0]
+    )
+
+
+def flat_counted_sums(
+    pixels: torch.Tensor, grid: torch.Tensor, counts: torch.Tensor, batch_size: int
+) -> FlatSums | None:
+    """The common layout's one host read for a small batch (``flat_counted_fits``): the raw
+    counts and patch sizes, summed on the host. The split and the balancing plan both read the
+    batch here. None for a bad value (the general path names the field)."""
+    sizes = grid.prod(dim=1)
+    row = torch.cat((counts, sizes)).tolist()
+    if min(row) < 0:
+        return None
+    counts_row = row[:batch_size]
+    item_sums = list(itertools.accumulate(counts_row, initial=0))
+    patch_sums = list(itertools.accumulate(row[batch_size:], initial=0))
+    if item_sums[-1] != grid.shape[0] or patch_sums[-1] != pixels.shape[0]:
+        return None
+    return FlatSums(counts_row, item_sums, patch_sums, sizes)
 
 
 def split_flat_counted(
@@ -201,28 +239,22 @@ def split_flat_counted(
     ``plan_media_group`` to split or to reject with the message naming the field. One host
     read; a rejected bad batch costs a second one, on the error path only.
     """
-    if not flat_grid_types_fit(pixels, grid, counts):
+    if not flat_counted_fits(pixels, grid, counts, batch_size):
         return None
     n_items = grid.shape[0]
-    n_rows = pixels.shape[0]
-    if counts.shape[0] != batch_size or n_rows == n_items:
-        return None
     m = n_microbatches
-    sizes = grid.prod(dim=1)
-    values = torch.cat((counts, sizes))
     if batch_size + n_items <= HOST_SUM_MAX:
-        row = values.tolist()
-        if min(row) < 0:
+        sums = flat_counted_sums(pixels, grid, counts, batch_size)
+        if sums is None:
             return None
-        item_sums = list(itertools.accumulate(row[:batch_size], initial=0))
-        patch_sums = list(itertools.accumulate(row[batch_size:], initial=0))
-        if item_sums[-1] != n_items or patch_sums[-1] != n_rows:
-            return None
-        item_b = _bounds_getter(batch_size, m)(item_sums)
-        pixel_b = operator.itemgetter(*item_b)(patch_sums)
+        item_b = _bounds_getter(batch_size, m)(sums.item_sums)
+        pixel_b = operator.itemgetter(*item_b)(sums.patch_sums)
     else:
+        sizes = grid.prod(dim=1)
+        values = torch.cat((counts, sizes))
         row = _reduce_on_device(values, counts, sizes, batch_size, m).tolist()
         # Patch ends come offset by the total of the counts, row[m - 1] (_reduce_on_device).
+        n_rows = pixels.shape[0]
         if row[-1] < 0 or row[m - 1] != n_items or row[2 * m - 1] - n_items != n_rows:
             return None
         item_b = [0, *row[:m]]
