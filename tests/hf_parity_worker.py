@@ -79,7 +79,8 @@ class Case:
     #: Swap two equal-grid images of different samples in the pipeline's batch only: the
     #: comparison must fail (by ``test_hf_parity``'s factors).
     misroute: bool = False
-    #: Remove ``mm_token_type_ids`` from the pipeline's batch (the pipeline derives it).
+    #: Remove ``mm_token_type_ids`` (and ernie's ``moe_mm_token_type_ids``) from the
+    #: pipeline's batch (the pipeline derives them).
     drop_mm_token_type_ids: bool = False
     #: Remove ``token_type_ids`` from the batch of both runs (plain causal masks).
     drop_token_type_ids: bool = False
@@ -220,6 +221,23 @@ CASES: tuple[Case, ...] = (
         "qwen3_vl_moe", "Interleaved1F1B", aux="override", tied=True, layers_per_stage=(0, 2, 1, 1)
     ),
     Case("qwen3_vl_moe", "GPipe", aux="config", microbatches=1),
+    # --- ernie4_5_vl_moe ---
+    # Tied embeddings (its default) across the ranks through 2 SGD steps; the pipeline derives
+    # both token-type fields; Interleaved1F1B puts the dense layer 0 alone on stage 0.
+    Case("ernie4_5_vl_moe", "1F1B", tied=True, sgd_steps=2, claims=("text_only_mb",)),
+    Case(
+        "ernie4_5_vl_moe",
+        "Interleaved1F1B",
+        drop_mm_token_type_ids=True,
+        claims=("text_only_mb",),
+    ),
+    # Router loss on: per microbatch; stage 0 holds only the dense layer 0 (its stats pass on
+    # as a copy) and the text-only microbatch routes every token to the text experts.
+    Case("ernie4_5_vl_moe", "Interleaved1F1B", aux="config", claims=("text_only_mb",)),
+    # --- llama4 ---
+    # The reference is the fixture's reference_loss (the unsplit forward fails upstream).
+    Case("llama4", "1F1B", claims=("text_only_mb", "several_images")),
+    Case("llama4", "Interleaved1F1B", claims=("text_only_mb", "several_images")),
 )
 
 
@@ -357,6 +375,7 @@ def describe_batch(batch: dict[str, torch.Tensor], config: Any, case: Case) -> d
         "num_local_patches",
         "image_sizes",
         "token_type_ids",
+        "moe_mm_token_type_ids",
     ):
         if name in batch:
             info[name] = batch[name].tolist()
@@ -378,6 +397,16 @@ def stage_layer_types(stage: Any) -> dict[str, list[Any]]:
     return {
         "view": list(getattr(text.config, "layer_types", None) or []),
         "modules": [getattr(layer, "block_type", None) for layer in text.layers],
+    }
+
+
+def stage_layer_kinds(stage: Any) -> dict[str, list[Any]]:
+    """Llama4: whether each decoder layer the stage holds applies RoPE (``use_rope``) and has
+    experts (``is_moe_layer``), both fixed at construction (None for other families)."""
+    layers = stage.get_submodule(stage.adapter.text_model_path).layers
+    return {
+        "rope": [getattr(getattr(layer, "self_attn", None), "use_rope", None) for layer in layers],
+        "moe": [getattr(layer, "is_moe_layer", None) for layer in layers],
     }
 
 
@@ -435,14 +464,21 @@ def tied_copies(pipe: Any) -> dict[str, Any]:
 
 
 def mask_effect(
-    reference: Any, batch: dict[str, torch.Tensor], ref_loss: float, ref_grads: dict[str, Any]
+    reference: Any,
+    batch: dict[str, torch.Tensor],
+    ref_loss: float,
+    ref_grads: dict[str, Any],
+    field: str = "token_type_ids",
 ) -> dict[str, float]:
-    """How far the unsplit model's loss and gradients move when ``token_type_ids`` are left
-    out (plain causal masks): what a pipeline that lost the bidirectional masks would be off
-    by. ``autograd.grad`` leaves the reference's ``.grad`` alone."""
-    params = dict(reference.named_parameters())
-    causal = {name: value for name, value in batch.items() if name != "token_type_ids"}
-    loss = reference(**causal).loss
+    """How far the unsplit model's loss and gradients move when ``field`` is left out:
+    ``token_type_ids``, plain causal masks (what a pipeline that lost the bidirectional masks
+    would be off by); ernie's ``moe_mm_token_type_ids``, every token through the text experts.
+    ``autograd.grad`` leaves the reference's ``.grad`` alone."""
+    from pp_media.testing import reference_loss
+
+    params = {name: p for name, p in reference.named_parameters() if p.requires_grad}
+    causal = {name: value for name, value in batch.items() if name != field}
+    loss = reference_loss(reference, causal)
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     grad = 0.0
     for name, value in zip(params, grads, strict=True):
@@ -462,7 +498,8 @@ def router_facts(
     text = reference.config.get_text_config()
     flag = text.output_router_logits
     params = dict(reference.named_parameters())
-    gates = [name for name in params if name.endswith(".mlp.gate.weight")]
+    # Router weights: ``mlp.gate`` (Qwen), ``mlp.text_moe.gate`` / ``mlp.vision_moe.gate`` (ERNIE).
+    gates = [name for name in params if name.endswith(".gate.weight")]
     try:
         text.output_router_logits = False
         off = reference(**batch).loss
@@ -576,7 +613,10 @@ def describe_pipe(pipe: Any, reference: Any, config: Any) -> dict[str, Any]:
         "stage_layers": {str(s.stage_index): list(s.layer_indices) for s in pipe.stages},
         "first_layers": {str(s.stage_index): s.first_layer for s in pipe.stages},
         "stage_layer_types": {str(s.stage_index): stage_layer_types(s) for s in pipe.stages},
+        "stage_layer_kinds": {str(s.stage_index): stage_layer_kinds(s) for s in pipe.stages},
         "layer_types": getattr(config.get_text_config(), "layer_types", None),
+        "no_rope_layers": getattr(config.get_text_config(), "no_rope_layers", None),
+        "moe_layers": getattr(config.get_text_config(), "moe_layers", None),
         "n_layers": config.get_text_config().num_hidden_layers,
         "has_first_stage": pipe.has_first_stage,
         "has_last_stage": pipe.has_last_stage,
@@ -594,7 +634,7 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
     """Build, step and compare; the per-rank result of ``case``."""
     from pp_media._hf.families import adapter_for
     from pp_media._hf.pipeline import build_vlm_pipeline
-    from pp_media.testing import tiny_config
+    from pp_media.testing import reference_loss, tiny_config
 
     config = tiny_config(case.model_type, num_layers=case.num_layers, tie_word_embeddings=case.tied)
     if case.aux == "config":
@@ -640,19 +680,26 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
             router = per_microbatch_router_loss(reference, batch, case.microbatches)
             ref_loss = router.loss
         else:
-            ref_loss = reference(**batch).loss
+            # Llama4's forward fails upstream: its fixture's reference_loss computes the same
+            # loss from the model's parts (pp_media/testing/families/llama4.py).
+            ref_loss = reference_loss(reference, batch)
         ref_loss.backward()
         ref_grads = {name: p.grad for name, p in full.items()}
         if step == 0 and case.aux:
             result["router"] = router_facts(reference, batch, router, ref_grads)
         if step == 0 and "token_type_ids" in batch:
             result["mask_effect"] = mask_effect(reference, batch, ref_loss.item(), ref_grads)
+        if step == 0 and "moe_mm_token_type_ids" in batch and not case.aux:
+            result["moe_effect"] = mask_effect(
+                reference, batch, ref_loss.item(), ref_grads, field="moe_mm_token_type_ids"
+            )
         if step == 0 and adapter.layer_feature_count(config):
             result["deepstack_off_loss"] = deepstack_off_loss(reference, batch)
 
         pipe_batch = dict(batch)
         if case.drop_mm_token_type_ids:
             del pipe_batch["mm_token_type_ids"]
+            pipe_batch.pop("moe_mm_token_type_ids", None)
         if case.misroute:
             pipe_batch = misrouted(pipe_batch, config)
         before = snapshot(pipe_batch)

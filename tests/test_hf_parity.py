@@ -83,7 +83,16 @@ Step3p7 (1F1B, GPipe)                  9.5e-7     3.5e-8
 LLaVA-NeXT, LLaVA-OneVision            4.8e-7     1.2e-7
 Qwen3-VL-MoE, router loss off          0          5.2e-8
 Qwen3-VL-MoE, router loss on           4.8e-7     3.0e-8                 1 microbatch: grad 0
+ERNIE-4.5-VL MoE (tied, interleaved)   1.4e-6     5.4e-8     1.2e-7      2 SGD steps tied
+ERNIE-4.5-VL MoE, router loss on       9.5e-7     3.0e-8                 per-microbatch ref.
+Llama 4 (1F1B, Interleaved1F1B)        4.8e-7     2.6e-8                 reference from parts
 =====================================  =========  =========  ==========  =====================
+
+ERNIE-4.5-VL routes vision tokens to its vision experts by ``moe_mm_token_type_ids``: without it
+the reference's loss moves by 3.9e-4 to 8.1e-4 and its gradients by 7.2e-3 to 8.0e-3. Llama 4's
+reference is ``pp_media.testing.reference_loss``: ``Llama4ForConditionalGeneration.forward``
+raises in transformers 5.24 (modeling_llama4.py:1318) right after computing its loss, which
+``test_moe_families.py`` reads from the failing frame and finds equal to that reference.
 
 Gradients are up to 1.3 in magnitude; the two copies of a tied embedding stay bit-for-bit
 equal. In tied Gemma3 the ulp-level differences left by each SGD step grow about 3-4x a step
@@ -143,6 +152,9 @@ MASKED = [
     if case.model_type in ("gemma3", "paligemma") and not case.drop_token_type_ids
 ]
 DEEPSTACK = [case for case in CASES if case.model_type == "qwen3_vl"]
+#: ERNIE cases with the router loss off: the reference is the unsplit model's own loss.
+ERNIE = [case for case in CASES if case.model_type == "ernie4_5_vl_moe" and not case.aux]
+LLAMA4 = [case for case in CASES if case.model_type == "llama4"]
 QWEN3_5 = [case for case in CASES if case.model_type == "qwen3_5"]
 #: Cases with the router load-balancing loss on (MoE families).
 ROUTER = [case for case in CASES if case.aux]
@@ -425,6 +437,57 @@ def test_each_qwen3_5_stage_runs_the_layer_types_of_its_own_layers(
             assert all(call["n_args"] == n_args for call in _microbatch_calls(calls)), stage
 
 
+@pytest.mark.parametrize("case", ERNIE, ids=_ids(ERNIE))
+def test_the_moe_token_types_matter_in_the_test_batch(
+    results: list[dict[str, Any]], case: Case
+) -> None:
+    """Without ``moe_mm_token_type_ids`` every token of the unsplit ERNIE model goes to the
+    text experts and its loss and gradients move by orders of magnitude more than the
+    tolerances: the parity of these cases shows every MoE layer of every stage routed its
+    microbatch's vision tokens to the vision experts (in the Interleaved1F1B case the pipeline
+    derived the field itself, the reference got the processor's)."""
+    for rank, result in enumerate(case_results(results, case.key)):
+        effect = result["moe_effect"]
+        assert effect["loss"] > MASK_LOSS_FACTOR * case.loss_tolerance, (
+            f"rank {rank}: the vision experts move the loss by only {effect['loss']:.3e}"
+        )
+        assert effect["grad"] > MASK_GRAD_FACTOR * case.grad_tolerance, (
+            f"rank {rank}: the vision experts move the gradients by only {effect['grad']:.3e}"
+        )
+        assert "moe_mm_token_type_ids" in result["batch"]["keys"], "the reference gets them"
+
+
+@pytest.mark.parametrize("case", LLAMA4, ids=_ids(LLAMA4))
+def test_each_llama4_stage_keeps_its_layers_attention_and_experts(
+    results: list[dict[str, Any]], case: Case
+) -> None:
+    """Llama 4's layers fix RoPE / no RoPE and experts / dense MLP at construction from their
+    global index (``no_rope_layers``, ``moe_layers``), and the text model picks chunked or full
+    attention masks by ``layer_types[i]`` over the layers it holds: every stage's layers keep
+    their global kinds and its text model's ``layer_types`` is cut to exactly them. The tiny
+    model mixes all of it (layers 0 and 2: RoPE, chunked attention, dense; 1 and 3: no RoPE,
+    full attention, experts), so under 1F1B each stage holds both kinds."""
+    per_rank = case_results(results, case.key)
+    facts = per_rank[0]
+    layer_types, no_rope, moe_layers = (
+        facts["layer_types"],
+        facts["no_rope_layers"],
+        facts["moe_layers"],
+    )
+    assert layer_types == ["chunked_attention", "full_attention"] * 2
+    assert no_rope == [1, 0, 1, 0] and moe_layers == [1, 3]
+    layers = {s: v for result in per_rank for s, v in result["stage_layers"].items()}
+    seen = {s: v for result in per_rank for s, v in result["stage_layer_types"].items()}
+    kinds = {s: v for result in per_rank for s, v in result["stage_layer_kinds"].items()}
+    assert sorted(i for held in layers.values() for i in held) == [0, 1, 2, 3]
+    for stage, held in layers.items():
+        assert seen[stage]["view"] == [layer_types[i] for i in held], f"stage {stage}"
+        assert kinds[stage]["rope"] == [bool(no_rope[i]) for i in held], f"stage {stage}"
+        assert kinds[stage]["moe"] == [i in moe_layers for i in held], f"stage {stage}"
+    if case.schedule == "1F1B":
+        assert all(len(set(seen[s]["view"])) == 2 for s in layers), seen
+
+
 # --- the router load-balancing loss ----------------------------------------------------------
 
 
@@ -636,6 +699,26 @@ def _step3_layout(batch: Batch, case: Case) -> None:
     assert 0 in per_microbatch and any(per_microbatch), per_microbatch
 
 
+def _ernie_layout(batch: Batch, case: Case) -> None:
+    """Flat ``[3*14*14]`` patch rows (no temporal patch), ``h*w/4`` placeholders per image;
+    ``moe_mm_token_type_ids`` 1 at the placeholders and their start and end tokens."""
+    grids, runs, tokens = batch["image_grid_thw"], batch["image_runs"], batch["image_tokens"]
+    assert batch["shapes"]["pixel_values"] == [sum(t * h * w for t, h, w in grids), 3 * 14 * 14]
+    offsets = [sum(runs[:i]) for i in range(len(runs) + 1)]
+    assert tokens == [
+        sum(h * w // 4 for _, h, w in grids[offsets[i] : offsets[i + 1]]) for i in range(len(runs))
+    ]
+    ones = [sum(row) for row in batch["moe_mm_token_type_ids"]]
+    assert ones == [t + 2 * r for t, r in zip(tokens, runs, strict=True)], ones
+
+
+def _llama4_layout(batch: Batch, case: Case) -> None:
+    """One ``[3, 56, 56]`` tile per image (``aspect_ratios`` 1 x 1), 4 placeholders each."""
+    assert batch["shapes"]["pixel_values"] == [sum(batch["image_runs"]), 3, 56, 56]
+    assert batch["shapes"]["aspect_ratios"] == [sum(batch["image_runs"]), 2]
+    assert batch["image_tokens"] == [4 * runs for runs in batch["image_runs"]]
+
+
 #: Per family, what its batches' layout must show (a family without one checks the rest).
 LAYOUTS: dict[str, Callable[[Batch, Case], None]] = {
     "glm4v": _glm4v_layout,
@@ -652,6 +735,8 @@ LAYOUTS: dict[str, Callable[[Batch, Case], None]] = {
     "smolvlm": _idefics3_layout,
     "internvl": _internvl_layout,
     "step3p7": _step3_layout,
+    "ernie4_5_vl_moe": _ernie_layout,
+    "llama4": _llama4_layout,
 }
 
 

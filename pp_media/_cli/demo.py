@@ -230,13 +230,14 @@ class ReferenceRun:
 
 
 def reference_losses(plan: DemoPlan) -> ReferenceRun:
-    """The unsplit model, one process: ``model(**batch, labels=labels)`` per step; for a family
-    with a router loss, transformers' formula applied per microbatch as the pipeline does
-    (``pp_media.testing.per_microbatch_router_loss``)."""
+    """The unsplit model, one process: ``model(**batch, labels=labels)`` per step (the
+    fixture's ``reference_loss``: Llama 4's is computed from its parts, its forward fails); for
+    a family with a router loss, transformers' formula applied per microbatch as the pipeline
+    does (``pp_media.testing.per_microbatch_router_loss``)."""
     import transformers
     from tqdm import tqdm
 
-    from pp_media.testing import per_microbatch_router_loss
+    from pp_media.testing import per_microbatch_router_loss, reference_loss
 
     device = torch.device("cuda" if plan.device.startswith("cuda") else "cpu")
     torch.set_num_threads(_threads_per_process(plan))
@@ -265,7 +266,7 @@ def reference_losses(plan: DemoPlan) -> ReferenceRun:
                 aux += router.mean_aux / plan.dp_size
                 whole += router.whole_batch_aux / plan.dp_size
             else:
-                loss = model(**share).loss
+                loss = reference_loss(model, share)
                 if plan.dp_size > 1:  # mean over the global batch: weight by the share's tokens
                     loss = loss * weight
             loss.backward()

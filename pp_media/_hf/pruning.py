@@ -69,6 +69,25 @@ def _parent_and_name(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_path) if parent_path else root), name
 
 
+def _on_paths(module: nn.Module, prefix: str, keep: set[str]) -> nn.Module:
+    """A shallow copy of ``module`` (named ``prefix`` in the model) holding only the children
+    on the way to a ``keep`` path: a kept path's module itself, a module above one as its own
+    ``_on_paths`` copy. Its own parameters stay only where a path names them (LLaVA-NeXT's
+    ``model.image_newline``)."""
+    clone = _shallow(module)
+    clone._modules = {}
+    for name, child in module._modules.items():
+        path = prefix + name
+        if path in keep:
+            clone._modules[name] = child
+        elif child is not None and any(kept.startswith(path + ".") for kept in keep):
+            clone._modules[name] = _on_paths(child, path + ".", keep)
+    clone._parameters = {
+        name: param for name, param in module._parameters.items() if prefix + name in keep
+    }
+    return clone
+
+
 def prune_to_stage(
     model: nn.Module,
     adapter: FamilyAdapter,
@@ -81,23 +100,17 @@ def prune_to_stage(
     Kept: the text model with ``layers`` (and its rotary embedding; its config as the
     adapter's ``stage_config`` cuts it), plus on the first stage the token embeddings, the
     vision parts and the adapter's ``stage0_only_paths``, and on the last the final norm and
-    LM head. Any
-    other child along those paths is dropped; ``check_partition`` verifies that the stages
-    together hold every parameter exactly once.
+    LM head, wherever the family's paths put them (under ``model.`` or, as in Llama4, directly
+    on the root and inside ``language_model``). Any other child along those paths is dropped;
+    ``check_partition`` verifies that the stages together hold every parameter exactly once.
     """
-    root = _shallow(model)
-    base_path = adapter.base_model_path
-    base = _shallow(model.get_submodule(base_path))
-    root._modules[base_path] = base
     first_only = (*adapter.vision_paths, *adapter.stage0_only_paths)
-    keep = {adapter.text_model_path, *(first_only if is_first else ())}
-    base._modules = {
-        name: module for name, module in base._modules.items() if f"{base_path}.{name}" in keep
+    keep = {
+        adapter.text_model_path,
+        *(first_only if is_first else ()),
+        *((adapter.head_path,) if is_last else ()),
     }
-    # Parameters of the base model itself (LLaVA-NeXT's image_newline) go where a path names them.
-    base._parameters = {
-        name: param for name, param in base._parameters.items() if f"{base_path}.{name}" in keep
-    }
+    root = _on_paths(model, "", keep)
     text_parent, text_name = _parent_and_name(root, adapter.text_model_path)
     text = _shallow(model.get_submodule(adapter.text_model_path))
     text_parent._modules[text_name] = text
@@ -110,10 +123,4 @@ def prune_to_stage(
             _drop(root, model, path)
     if not is_last:
         text._modules["norm"] = nn.Identity()
-    head_parent, head_name = _parent_and_name(root, adapter.head_path)
-    root._modules = {
-        name: module
-        for name, module in root._modules.items()
-        if name == base_path or (is_last and root is head_parent and name == head_name)
-    }
     return root

@@ -95,6 +95,12 @@ class TinyFamily:
         """Give weights whose initial value would make a gradient check vacuous small random
         values from a generator seeded with ``seed``, in place. Default: none."""
 
+    def reference_loss(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The unsplit model's ``labels=`` loss on ``batch``, what a pipelined step must equal.
+        Default: ``model(**batch).loss``; a family whose ``forward`` is broken upstream
+        computes it from the model's own parts, exactly as ``forward`` would (Llama 4)."""
+        return model(**batch).loss
+
 
 _FAMILIES: dict[str, TinyFamily] = {}
 
@@ -127,6 +133,13 @@ def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bo
     """A small config of ``model_type`` with ``num_layers`` decoder layers."""
     text = text_config(num_layers, tie_word_embeddings)
     return fixture_for(model_type).config(model_type, text, tie_word_embeddings)
+
+
+def reference_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The unsplit ``model``'s loss on ``batch`` (its fixture's ``reference_loss``;
+    ``model(**batch).loss`` for a model type without a fixture)."""
+    fixture = _FAMILIES.get(model.config.model_type)
+    return model(**batch).loss if fixture is None else fixture.reference_loss(model, batch)
 
 
 def image_processor(config: Any) -> Any:
