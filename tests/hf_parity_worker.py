@@ -89,6 +89,9 @@ class Case:
     #: reference applies transformers' formula per microbatch (``per_microbatch_router_loss``).
     aux: str = ""
     microbatches: int = N_MICROBATCHES
+    #: Text-config settings from ``VARIANTS`` set on the tiny config before the model is built
+    #: ("" for none).
+    variant: str = ""
     #: What the batch must hold, checked by ``test_hf_parity``'s claim of that name
     #: ("text_only_microbatch", "image_beside_several", ...).
     claims: tuple[str, ...] = ()
@@ -106,6 +109,8 @@ class Case:
             parts.append("no_mm_token_type_ids")
         if self.drop_token_type_ids:
             parts.append("no_token_type_ids")
+        if self.variant:
+            parts.append(self.variant)
         if self.sgd_steps:
             parts.append(f"sgd{self.sgd_steps}")
         if self.aux:
@@ -119,6 +124,19 @@ class Case:
         if self.layers_per_stage is not None:
             parts.append("layers" + "-".join(map(str, self.layers_per_stage)))
         return "/".join(parts)
+
+
+#: ``Case.variant`` -> text-config settings: Gemma4 with its mixture-of-experts block beside
+#: the dense MLP in every layer (Gemma4 26B-A4B's kind; its router records probabilities and
+#: transformers adds no load-balancing loss, so the loss stays ``model(**batch).loss``).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "moe": {
+        "enable_moe_block": True,
+        "num_experts": 4,
+        "top_k_experts": 2,
+        "moe_intermediate_size": 32,
+    },
+}
 
 
 #: Microbatches are samples [0, 2), [2, 4), [4, 5), [5, 6). Seeds, where they matter: Qwen2-VL
@@ -215,6 +233,22 @@ CASES: tuple[Case, ...] = (
     Case("qwen3_vl_moe", "1F1B", aux="config", claims=("text_only_mb",)),
     Case("qwen3_vl_moe", "Interleaved1F1B", aux="override", layers_per_stage=(0, 2, 1, 1)),
     Case("qwen3_vl_moe", "GPipe", aux="config", microbatches=1),
+    # --- gemma4 ---
+    # 4 layers, sliding/full alternating; layers 0 and 1 store the keys and values that layers
+    # 2 and 3 reuse. 2 stages (layers 0-1, 2-3): both types' keys and values and the per-layer
+    # inputs of layers 2-3 cross, tied embeddings as in the checkpoints; the same split with
+    # the MoE block on; 4 stages of one layer on 2 ranks, built from a save_pretrained
+    # directory (each rank loads its stages' tensors only): the sliding keys and values pass
+    # through stage 1 and per-layer inputs through stages 1 and 2 on their way.
+    Case("gemma4", "1F1B", tied=True, claims=("several_images", "kv_crosses_stages")),
+    Case("gemma4", "1F1B", variant="moe", claims=("kv_crosses_stages",)),
+    Case(
+        "gemma4",
+        "Interleaved1F1B",
+        layers_per_stage=(1, 1, 1, 1),
+        checkpoint=True,
+        claims=("text_only_mb", "kv_crosses_stages"),
+    ),
 )
 
 
@@ -355,6 +389,10 @@ def describe_batch(batch: dict[str, torch.Tensor], config: Any, case: Case) -> d
     ):
         if name in batch:
             info[name] = batch[name].tolist()
+    if "image_position_ids" in batch:  # Gemma4: real patches per padded image row
+        info["real_patches"] = (batch["image_position_ids"] != -1).all(-1).sum(-1).tolist()
+    if "mm_token_type_ids" in batch:
+        info["mm_token_types"] = batch["mm_token_type_ids"].sum(1).tolist()
     if "pixel_attention_mask" in batch:  # per-sample rows: real crops, all-zero padding rows
         pixels = batch["pixel_values"]
         info["real_crops"] = (~(pixels == 0).flatten(2).all(-1)).sum(1).tolist()
@@ -540,6 +578,7 @@ def describe_pipe(pipe: Any, reference: Any, config: Any) -> dict[str, Any]:
         "first_layers": {str(s.stage_index): s.first_layer for s in pipe.stages},
         "stage_layer_types": {str(s.stage_index): stage_layer_types(s) for s in pipe.stages},
         "layer_types": getattr(config.get_text_config(), "layer_types", None),
+        "kv_sharing_modes": getattr(config.get_text_config(), "kv_sharing_modes", None),
         "n_layers": config.get_text_config().num_hidden_layers,
         "has_first_stage": pipe.has_first_stage,
         "has_last_stage": pipe.has_last_stage,
@@ -562,6 +601,8 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
     config = tiny_config(case.model_type, num_layers=case.num_layers, tie_word_embeddings=case.tied)
     if case.aux == "config":
         config.get_text_config().output_router_logits = True
+    for name, value in VARIANTS.get(case.variant, {}).items():
+        setattr(config.get_text_config(), name, value)
     adapter = adapter_for(config)
     reference, source = build(rank, case, config, workdir)
     pipe = build_vlm_pipeline(
