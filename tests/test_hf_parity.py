@@ -34,7 +34,13 @@ Step3p7's global views and local crops (both with MoE text models; their batches
 layout stand-ins ``FlatPatchLayout`` / ``Step3Layout``, as their processors need torchvision);
 LLaVA-NeXT and LLaVA-OneVision anyres crops (OneVision also with one ``[frames, C, H, W]`` row
 per video, and with a microbatch holding a sample of one image beside one of several, so its
-per-microbatch ``batch_num_images`` differs from the batch's).
+per-microbatch ``batch_num_images`` differs from the batch's). Gemma4 (real
+``Gemma4ImageProcessorPil``: rows padded to 280 patches with ``image_position_ids``): every
+layer's per-layer input and, where a reuse layer runs on a later stage than its store layer,
+the shared keys and values cross with their gradients; 2 stages tied, the same with the MoE
+block on, and 4 stages of one layer from a checkpoint (keys and values passing through a stage
+that does not read them); each later stage receives exactly the carries its layers and the
+ones after it read.
 
 What shows the checks can fail: a case that swaps the pixels of two equal-grid images of
 different samples in the pipeline's batch only must fail the parity check by orders of
@@ -70,6 +76,7 @@ Qwen3.5                                4.8e-7     1.7e-8
 Kimi-K2.5 (images, videos)             4.8e-7     1.9e-8
 Step3p7 (1F1B, GPipe)                  9.5e-7     3.5e-8
 LLaVA-NeXT, LLaVA-OneVision            4.8e-7     1.2e-7
+Gemma4 (tied, MoE, 4 stages)           4.8e-7     1.5e-7
 =====================================  =========  =========  ==========  =====================
 
 Gradients are up to 1.3 in magnitude; the two copies of a tied embedding stay bit-for-bit
