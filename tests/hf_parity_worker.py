@@ -89,6 +89,9 @@ class Case:
     #: reference applies transformers' formula per microbatch (``per_microbatch_router_loss``).
     aux: str = ""
     microbatches: int = N_MICROBATCHES
+    #: After the step, also ``clip_grad_norm_`` (the norm only) and ``eval_step`` against the
+    #: reference (the router loss: with the extra stage output and loss term).
+    api_checks: bool = False
     #: Text-config settings from ``VARIANTS`` set on the tiny config before the model is built
     #: ("" for none).
     variant: str = ""
@@ -230,7 +233,7 @@ CASES: tuple[Case, ...] = (
     # microbatch; with stage 0 holding no decoder layer (its stats start from zeros and pass on
     # as a copy) under Interleaved1F1B; with one microbatch, exactly model(**batch).loss.
     Case("qwen3_vl_moe", "1F1B", claims=("text_only_mb",)),
-    Case("qwen3_vl_moe", "1F1B", aux="config", claims=("text_only_mb",)),
+    Case("qwen3_vl_moe", "1F1B", aux="config", api_checks=True, claims=("text_only_mb",)),
     Case("qwen3_vl_moe", "Interleaved1F1B", aux="override", layers_per_stage=(0, 2, 1, 1)),
     Case("qwen3_vl_moe", "GPipe", aux="config", microbatches=1),
     # --- gemma4 ---
@@ -516,6 +519,38 @@ def router_facts(
     }
 
 
+def api_checks(
+    pipe: Any,
+    reference: Any,
+    batch: dict[str, torch.Tensor],
+    ref_grads: dict[str, Any],
+    case: Case,
+) -> dict[str, Any]:
+    """``clip_grad_norm_`` (a max norm no gradient reaches: the norm only) and ``eval_step``
+    after the step, beside the reference's gradient norm and its loss in eval mode without
+    a graph (per microbatch with the router loss on)."""
+    norm = pipe.clip_grad_norm_(1e9).item()
+    ref_norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g) for g in ref_grads.values() if g is not None])
+    ).item()
+    loss = pipe.eval_step(batch)
+    router = pipe.last_router_loss
+    reference.eval()
+    with torch.no_grad():
+        if case.aux:
+            ref_loss = per_microbatch_router_loss(reference, batch, case.microbatches).loss
+        else:
+            ref_loss = reference(**batch).loss
+    reference.train()
+    return {
+        "grad_norm": norm,
+        "ref_grad_norm": ref_norm,
+        "eval_loss": None if loss is None else loss.item(),
+        "ref_eval_loss": ref_loss.item(),
+        "eval_router_loss": None if router is None else router.item(),
+    }
+
+
 def deepstack_off_loss(reference: Any, batch: dict[str, torch.Tensor]) -> float:
     """The unsplit model's loss with deepstack switched off: its text model's
     ``_deepstack_process`` returns the hidden states unchanged (patched on this one instance,
@@ -667,6 +702,8 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
         if case.aux:
             last = pipe.last_router_loss
             record["router_loss"] = None if last is None else last.item()
+        if case.api_checks:
+            record.update(api_checks(pipe, reference, batch, ref_grads, case))
         record["batch_unchanged"] = unchanged(pipe_batch, before)
         record["compared"] = len(named)
         # No gradient where the reference has one, even an all-zero one.

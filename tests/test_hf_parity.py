@@ -52,6 +52,17 @@ starting at layer f, non-zero exactly in the microbatches with media); every cas
 has vision-tower gradients far above the gradient tolerance (Gemma3's zero-initialised
 projector weight, which would zero them, gets seeded random values from its fixture).
 
+Qwen3-VL-MoE: router loss off against ``model(**batch).loss``; on (the config's
+``output_router_logits``, or ``build_vlm_pipeline(output_router_logits=True)``) against the
+single-process reference that applies transformers' formula per microbatch
+(``per_microbatch_router_loss``), under 1F1B and Interleaved1F1B (4 stages, stage 0 without
+decoder layers, so its statistics pass on as a copy); with one microbatch (GPipe) that reference
+is ``model(**batch).loss`` itself and the pipeline's ``aux`` is transformers' bit for bit (the
+loss differs by one ulp, from the token loss's summation; every gradient is bit for bit equal).
+The router term moves the loss by 4000x and the router gradients by 300x the tolerances, and
+the whole-batch form differs from the per-microbatch one by 5.7x the loss tolerance, so each of
+those mistakes would fail; ``clip_grad_norm_`` and ``eval_step`` see the router term too.
+
 Tolerances, absolute, fp32: loss 5e-6, gradients 1e-6, parameters after SGD 1e-6 (per row in
 the table). The pipeline computes the same token losses and the same per-sample forward but
 sums in another order: the loss is a sum per microbatch divided by the whole batch's label
@@ -76,6 +87,8 @@ Qwen3.5                                4.8e-7     1.7e-8
 Kimi-K2.5 (images, videos)             4.8e-7     1.9e-8
 Step3p7 (1F1B, GPipe)                  9.5e-7     3.5e-8
 LLaVA-NeXT, LLaVA-OneVision            4.8e-7     1.2e-7
+Qwen3-VL-MoE, router loss off          0          5.2e-8
+Qwen3-VL-MoE, router loss on           4.8e-7     3.0e-8                 1 microbatch: grad 0
 Gemma4 (tied, MoE, 4 stages)           4.8e-7     1.5e-7
 =====================================  =========  =========  ==========  =====================
 
@@ -115,6 +128,12 @@ MASK_LOSS_FACTOR = 10
 VISION_GRAD_FACTOR = 1000
 #: Switching deepstack off must move the reference loss by this factor x the loss tolerance.
 DEEPSTACK_LOSS_FACTOR = 100
+#: The router loss must move the reference's loss and router gradients by these factors x the
+#: tolerances; the whole-batch form must differ from the per-microbatch one by the last (the
+#: tiny qwen3_vl_moe: 4000x, 300x and 5.7x measured).
+ROUTER_LOSS_FACTOR = 1000
+ROUTER_GRAD_FACTOR = 100
+WHOLE_BATCH_FACTOR = 4
 TIMEOUT_S = 480
 
 N = worker_module.N_MICROBATCHES
@@ -141,6 +160,8 @@ GEMMA4_STAGE0_ONLY = (
 #: Gemma4's tiny vision tower: 70 soft tokens at most, 2 x 2 patches pooled into each.
 GEMMA4_MAX_PATCHES, GEMMA4_POOLED = 280, 4
 QWEN3_5 = [case for case in CASES if case.model_type == "qwen3_5"]
+#: Cases with the router load-balancing loss on (MoE families).
+ROUTER = [case for case in CASES if case.aux]
 #: Qwen3.5's tiny decoder: ``tiny_config("qwen3_5").text_config.layer_types``.
 QWEN3_5_LAYER_TYPES = ["linear_attention", "full_attention"] * 2
 #: Step3p7's vision tower: 14-pixel patches, then two stride-2 downsamplers.
@@ -420,6 +441,53 @@ def test_each_qwen3_5_stage_runs_the_layer_types_of_its_own_layers(
             assert all(call["n_args"] == n_args for call in _microbatch_calls(calls)), stage
 
 
+# --- the router load-balancing loss ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ROUTER, ids=_ids(ROUTER))
+def test_the_router_loss_is_added_per_microbatch_and_its_check_can_fail(
+    results: list[dict[str, Any]], case: Case
+) -> None:
+    """With the router loss on, the pipeline matched (``test_loss_and_every_gradient...``) a
+    reference applying transformers' formula per microbatch. Here: that term moves the loss
+    and the router gradients far beyond the tolerances (a pipeline that dropped it would
+    fail), ``pipe.last_router_loss`` is the mean per-microbatch ``aux``, and with several
+    microbatches the whole-batch loss (``model(**batch).loss``) is farther from the
+    reference than the tolerance, so the check tells the two forms apart; with one microbatch
+    the reference is ``model(**batch).loss`` and the pipeline's ``aux`` transformers' own, bit
+    for bit."""
+    holder = last_stage_result(case_results(results, case.key))
+    facts, step = holder["router"], holder["steps"][0]
+    assert facts["loss"] - facts["off_loss"] > ROUTER_LOSS_FACTOR * case.loss_tolerance, facts
+    assert facts["gate_grad_effect"] > ROUTER_GRAD_FACTOR * case.grad_tolerance, facts
+    assert step["router_loss"] == pytest.approx(facts["mean_aux"], abs=1e-6)
+    if case.microbatches == 1:
+        assert facts["loss"] == facts["whole_batch_loss"]
+        assert step["router_loss"] == facts["whole_batch_aux"]
+    else:
+        gap = abs(facts["whole_batch_loss"] - facts["loss"])
+        assert gap > WHOLE_BATCH_FACTOR * case.loss_tolerance, facts
+
+
+API_CHECKS = [case for case in CASES if case.api_checks]
+
+
+@pytest.mark.parametrize("case", API_CHECKS, ids=_ids(API_CHECKS))
+def test_grad_clipping_and_evaluation_see_the_router_loss(
+    results: list[dict[str, Any]], case: Case
+) -> None:
+    """After the step: ``clip_grad_norm_`` gives the reference's gradient norm on every rank
+    (the router term's gradients included), and ``eval_step`` the reference's loss in eval
+    mode, router term per microbatch included, with ``last_router_loss`` its mean ``aux``."""
+    per_rank = case_results(results, case.key)
+    for rank, result in enumerate(per_rank):
+        record = result["steps"][0]
+        assert record["grad_norm"] == pytest.approx(record["ref_grad_norm"], rel=1e-6), rank
+    record = last_stage_result(per_rank)["steps"][0]
+    assert abs(record["eval_loss"] - record["ref_eval_loss"]) <= case.loss_tolerance, record
+    assert record["eval_router_loss"] == pytest.approx(record["router_loss"], abs=1e-6)
+
+
 def _gemma4_kv_routes(result: dict[str, Any]) -> list[tuple[str, int, int]]:
     """``(layer type, store layer, reuse layer)`` for every reuse layer of a Gemma4 result."""
     modes, types = result["kv_sharing_modes"], result["layer_types"]
@@ -661,13 +729,14 @@ LAYOUTS: dict[str, Callable[[Batch, Case], None]] = {
 
 @pytest.mark.parametrize("case", PARITY, ids=_ids(PARITY))
 def test_the_batch_holds_what_the_case_claims(results: list[dict[str, Any]], case: Case) -> None:
-    """Torch's split into microbatches [0, 2), [2, 4), [4, 5), [5, 6); sample 0 text-only
+    """Torch's split into microbatches [0, 2), [2, 4), [4, 5), [5, 6) (one microbatch in the
+    router-loss case that equals ``model(**batch).loss``); sample 0 text-only
     (but in one-image-per-sample layouts); a text-only batch without media, a video batch with
     videos beside images; the batch the reference got keeps ``mm_token_type_ids`` where the
     pipeline's drops them; then the case's named ``claims`` and its family's layout."""
     per_rank = case_results(results, case.key)
     batch = per_rank[0]["batch"]
-    assert batch["bounds"] == [0, 2, 4, 5, 6]
+    assert batch["bounds"] == ([0, 2, 4, 5, 6] if case.microbatches == N else [0, B])
     tokens, videos, shapes = batch["image_tokens"], batch["video_tokens"], batch["shapes"]
     if case.batch == "one_image" or case.model_type == "step3p7":
         assert batch["image_runs"] == [1] * B, "one image per sample"

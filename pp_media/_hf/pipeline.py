@@ -285,7 +285,10 @@ class VLMPipeline:
         loss = torch.stack([loss.detach() for loss in losses]).sum()
         if self.router_loss is None:
             return dp_wrapping.sum_over_dp(loss, self.dp_group)
-        aux = torch.stack(self.loss_fn.router_losses).sum().to(loss.device)
+        # The step's microbatches are the last calls: torch's first step also calls the loss
+        # once on the uninitialised outputs of its shape inference.
+        auxes = self.loss_fn.router_losses[-self.n_microbatches :]
+        aux = torch.stack(auxes).sum().to(loss.device)
         total, aux = dp_wrapping.sum_over_dp(torch.stack([loss, aux]), self.dp_group)
         self.last_router_loss = aux / self.loss_fn.n_terms
         return total

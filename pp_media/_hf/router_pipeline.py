@@ -39,7 +39,7 @@ def resolve_router_loss(
         wanted = bool(getattr(text_config, "output_router_logits", False))
     if not wanted:
         return None
-    if not any(adapter.router(layer) is not None for layer in layers):
+    if not has_router_loss(adapter, layers):
         if output_router_logits:
             raise ValueError(
                 f"pp_media: output_router_logits=True, but {config.model_type} has no router "
@@ -48,6 +48,12 @@ def resolve_router_loss(
             )
         return None
     return RouterLoss.from_text_config(text_config)
+
+
+def has_router_loss(adapter: FamilyAdapter, layers: nn.ModuleList | list[nn.Module]) -> bool:
+    """Whether the family computes a router load-balancing loss: its adapter names a router
+    in some decoder layer of ``layers``."""
+    return any(adapter.router(layer) is not None for layer in layers)
 
 
 def router_mask(

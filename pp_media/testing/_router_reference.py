@@ -23,11 +23,13 @@ from pp_media._core.bounds import sample_bounds
 
 @dataclass
 class RouterReference:
-    """The unsplit model's loss with the router loss per microbatch (with its graph: call
-    ``backward``), the mean per-microbatch ``aux`` and the whole batch's ``aux`` (both
-    without the coefficient, detached)."""
+    """The unsplit model's loss with the router loss per microbatch, ``token_loss +
+    router_term`` (with their graph: call ``loss.backward()``), the mean per-microbatch
+    ``aux`` and the whole batch's ``aux`` (both without the coefficient, detached)."""
 
     loss: torch.Tensor
+    token_loss: torch.Tensor
+    router_term: torch.Tensor
     mean_aux: float
     whole_batch_aux: float
 
@@ -44,7 +46,7 @@ def per_microbatch_router_loss(
     spec = RouterLoss.from_text_config(text)
     inputs = {name: value for name, value in batch.items() if name != "labels"}
     output = model(**inputs, output_router_logits=True)
-    loss = model.loss_function(
+    token_loss = model.loss_function(
         logits=output.logits, labels=batch["labels"], vocab_size=text.vocab_size
     )
     formula = sys.modules[type(model).__module__].load_balancing_loss_func
@@ -57,7 +59,10 @@ def per_microbatch_router_loss(
         logits = tuple(layer[start * seq : end * seq] for layer in output.router_logits)
         own_mask = None if mask is None else mask[start:end]
         auxes.append(formula(logits, spec.num_experts, spec.top_k, own_mask))
-    for aux in auxes:
-        loss = loss + spec.coef * aux / n_microbatches
+    router_term = spec.coef * auxes[0] / n_microbatches
+    for aux in auxes[1:]:
+        router_term = router_term + spec.coef * aux / n_microbatches
     mean_aux = torch.stack([aux.detach() for aux in auxes]).mean().item()
-    return RouterReference(loss, mean_aux, output.aux_loss.item())
+    return RouterReference(
+        token_loss + router_term, token_loss, router_term, mean_aux, output.aux_loss.item()
+    )
