@@ -234,7 +234,9 @@ CASES: tuple[Case, ...] = (
     # as a copy) under Interleaved1F1B; with one microbatch, exactly model(**batch).loss.
     Case("qwen3_vl_moe", "1F1B", claims=("text_only_mb",)),
     Case("qwen3_vl_moe", "1F1B", aux="config", api_checks=True, claims=("text_only_mb",)),
-    Case("qwen3_vl_moe", "Interleaved1F1B", aux="override", layers_per_stage=(0, 2, 1, 1)),
+    Case(
+        "qwen3_vl_moe", "Interleaved1F1B", aux="override", tied=True, layers_per_stage=(0, 2, 1, 1)
+    ),
     Case("qwen3_vl_moe", "GPipe", aux="config", microbatches=1),
     # --- gemma4 ---
     # 4 layers, sliding/full alternating; layers 0 and 1 store the keys and values that layers

@@ -470,7 +470,8 @@ def build_vlm_pipeline(
     when the text config's ``output_router_logits`` is true (``output_router_logits`` overrides
     the config): per microbatch, ``router_aux_loss_coef * aux`` of that microbatch's tokens
     divided by the number of microbatches (``pipe.last_router_loss`` holds the step's mean
-    ``aux``). With one microbatch that is exactly ``model(**batch).loss``; with more it is the
+    ``aux``). With one microbatch that ``aux`` is transformers' bit for bit and the loss
+    ``model(**batch).loss`` (within the token loss's summation order); with more it is the
     formula applied per microbatch, not over the whole batch (see the README).
     """
     dtype = resolve_dtype(dtype)
