@@ -188,3 +188,14 @@ SEED_LAYOUT = MediaLayout(
         "n_videos_per_sample",
     ),
 )
+
+#: Gemma4: one row per image, padded to the batch's most patches, with its patch positions
+#: (``image_position_ids [images, max_patches, 2]``, -1 at padding) as a per-image field.
+GEMMA4_IMAGES = MediaGroup(
+    "pixel_values",
+    items="n_images_per_sample",
+    per_item=("image_position_ids",),
+    extras=("num_soft_tokens_per_image",),
+    label="Gemma4 images",
+)
+GEMMA4_LAYOUT = MediaLayout((GEMMA4_IMAGES,))

@@ -93,6 +93,9 @@ class Case:
     #: After the step, also ``clip_grad_norm_`` (the norm only) and ``eval_step`` against the
     #: reference (the router loss: with the extra stage output and loss term).
     api_checks: bool = False
+    #: Text-config settings from ``VARIANTS`` set on the tiny config before the model is built
+    #: ("" for none).
+    variant: str = ""
     #: What the batch must hold, checked by ``test_hf_parity``'s claim of that name
     #: ("text_only_microbatch", "image_beside_several", ...).
     claims: tuple[str, ...] = ()
@@ -110,6 +113,8 @@ class Case:
             parts.append("no_mm_token_type_ids")
         if self.drop_token_type_ids:
             parts.append("no_token_type_ids")
+        if self.variant:
+            parts.append(self.variant)
         if self.sgd_steps:
             parts.append(f"sgd{self.sgd_steps}")
         if self.aux:
@@ -123,6 +128,19 @@ class Case:
         if self.layers_per_stage is not None:
             parts.append("layers" + "-".join(map(str, self.layers_per_stage)))
         return "/".join(parts)
+
+
+#: ``Case.variant`` -> text-config settings: Gemma4 with its mixture-of-experts block beside
+#: the dense MLP in every layer (Gemma4 26B-A4B's kind; its router records probabilities and
+#: transformers adds no load-balancing loss, so the loss stays ``model(**batch).loss``).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "moe": {
+        "enable_moe_block": True,
+        "num_experts": 4,
+        "top_k_experts": 2,
+        "moe_intermediate_size": 32,
+    },
+}
 
 
 #: Microbatches are samples [0, 2), [2, 4), [4, 5), [5, 6). Seeds, where they matter: Qwen2-VL
@@ -238,6 +256,22 @@ CASES: tuple[Case, ...] = (
     # The reference is the fixture's reference_loss (the unsplit forward fails upstream).
     Case("llama4", "1F1B", claims=("text_only_mb", "several_images")),
     Case("llama4", "Interleaved1F1B", claims=("text_only_mb", "several_images")),
+    # --- gemma4 ---
+    # 4 layers, sliding/full alternating; layers 0 and 1 store the keys and values that layers
+    # 2 and 3 reuse. 2 stages (layers 0-1, 2-3): both types' keys and values and the per-layer
+    # inputs of layers 2-3 cross, tied embeddings as in the checkpoints; the same split with
+    # the MoE block on; 4 stages of one layer on 2 ranks, built from a save_pretrained
+    # directory (each rank loads its stages' tensors only): the sliding keys and values pass
+    # through stage 1 and per-layer inputs through stages 1 and 2 on their way.
+    Case("gemma4", "1F1B", tied=True, claims=("several_images", "kv_crosses_stages")),
+    Case("gemma4", "1F1B", variant="moe", claims=("kv_crosses_stages",)),
+    Case(
+        "gemma4",
+        "Interleaved1F1B",
+        layers_per_stage=(1, 1, 1, 1),
+        checkpoint=True,
+        claims=("text_only_mb", "kv_crosses_stages"),
+    ),
 )
 
 
@@ -379,6 +413,10 @@ def describe_batch(batch: dict[str, torch.Tensor], config: Any, case: Case) -> d
     ):
         if name in batch:
             info[name] = batch[name].tolist()
+    if "image_position_ids" in batch:  # Gemma4: real patches per padded image row
+        info["real_patches"] = (batch["image_position_ids"] != -1).all(-1).sum(-1).tolist()
+    if "mm_token_type_ids" in batch:
+        info["mm_token_types"] = batch["mm_token_type_ids"].sum(1).tolist()
     if "pixel_attention_mask" in batch:  # per-sample rows: real crops, all-zero padding rows
         pixels = batch["pixel_values"]
         info["real_crops"] = (~(pixels == 0).flatten(2).all(-1)).sum(1).tolist()
@@ -617,6 +655,7 @@ def describe_pipe(pipe: Any, reference: Any, config: Any) -> dict[str, Any]:
         "layer_types": getattr(config.get_text_config(), "layer_types", None),
         "no_rope_layers": getattr(config.get_text_config(), "no_rope_layers", None),
         "moe_layers": getattr(config.get_text_config(), "moe_layers", None),
+        "kv_sharing_modes": getattr(config.get_text_config(), "kv_sharing_modes", None),
         "n_layers": config.get_text_config().num_hidden_layers,
         "has_first_stage": pipe.has_first_stage,
         "has_last_stage": pipe.has_last_stage,
@@ -639,6 +678,8 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
     config = tiny_config(case.model_type, num_layers=case.num_layers, tie_word_embeddings=case.tied)
     if case.aux == "config":
         config.get_text_config().output_router_logits = True
+    for name, value in VARIANTS.get(case.variant, {}).items():
+        setattr(config.get_text_config(), name, value)
     adapter = adapter_for(config)
     reference, source = build(rank, case, config, workdir)
     pipe = build_vlm_pipeline(

@@ -34,7 +34,13 @@ Step3p7's global views and local crops (both with MoE text models; their batches
 layout stand-ins ``FlatPatchLayout`` / ``Step3Layout``, as their processors need torchvision);
 LLaVA-NeXT and LLaVA-OneVision anyres crops (OneVision also with one ``[frames, C, H, W]`` row
 per video, and with a microbatch holding a sample of one image beside one of several, so its
-per-microbatch ``batch_num_images`` differs from the batch's).
+per-microbatch ``batch_num_images`` differs from the batch's). Gemma4 (real
+``Gemma4ImageProcessorPil``: rows padded to 280 patches with ``image_position_ids``): every
+layer's per-layer input and, where a reuse layer runs on a later stage than its store layer,
+the shared keys and values cross with their gradients; 2 stages tied, the same with the MoE
+block on, and 4 stages of one layer from a checkpoint (keys and values passing through a stage
+that does not read them); each later stage receives exactly the carries its layers and the
+ones after it read.
 
 What shows the checks can fail: a case that swaps the pixels of two equal-grid images of
 different samples in the pipeline's batch only must fail the parity check by orders of
@@ -86,6 +92,7 @@ Qwen3-VL-MoE, router loss on           4.8e-7     3.0e-8                 1 micro
 ERNIE-4.5-VL MoE (tied, interleaved)   1.4e-6     5.4e-8     1.2e-7      2 SGD steps tied
 ERNIE-4.5-VL MoE, router loss on       9.5e-7     3.0e-8                 per-microbatch ref.
 Llama 4 (1F1B, Interleaved1F1B)        4.8e-7     2.6e-8                 reference from parts
+Gemma4 (tied, MoE, 4 stages)           4.8e-7     1.5e-7
 =====================================  =========  =========  ==========  =====================
 
 ERNIE-4.5-VL routes vision tokens to its vision experts by ``moe_mm_token_type_ids``: without it
@@ -155,6 +162,15 @@ DEEPSTACK = [case for case in CASES if case.model_type == "qwen3_vl"]
 #: ERNIE cases with the router loss off: the reference is the unsplit model's own loss.
 ERNIE = [case for case in CASES if case.model_type == "ernie4_5_vl_moe" and not case.aux]
 LLAMA4 = [case for case in CASES if case.model_type == "llama4"]
+GEMMA4 = [case for case in CASES if case.model_type == "gemma4"]
+#: Gemma4's text-model modules that only stage 0 holds (the per-layer input embedding).
+GEMMA4_STAGE0_ONLY = (
+    "model.language_model.embed_tokens_per_layer.",
+    "model.language_model.per_layer_model_projection.",
+    "model.language_model.per_layer_projection_norm.",
+)
+#: Gemma4's tiny vision tower: 70 soft tokens at most, 2 x 2 patches pooled into each.
+GEMMA4_MAX_PATCHES, GEMMA4_POOLED = 280, 4
 QWEN3_5 = [case for case in CASES if case.model_type == "qwen3_5"]
 #: Cases with the router load-balancing loss on (MoE families).
 ROUTER = [case for case in CASES if case.aux]
@@ -535,6 +551,38 @@ def test_grad_clipping_and_evaluation_see_the_router_loss(
     assert record["eval_router_loss"] == pytest.approx(record["router_loss"], abs=1e-6)
 
 
+def _gemma4_kv_routes(result: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """``(layer type, store layer, reuse layer)`` for every reuse layer of a Gemma4 result."""
+    modes, types = result["kv_sharing_modes"], result["layer_types"]
+    store = {types[i]: i for i, mode in enumerate(modes) if mode == "store"}
+    return [(types[i], store[types[i]], i) for i, mode in enumerate(modes) if mode == "reuse"]
+
+
+@pytest.mark.parametrize("case", GEMMA4, ids=_ids(GEMMA4))
+def test_each_gemma4_stage_receives_its_per_layer_inputs_and_the_shared_keys_and_values(
+    results: list[dict[str, Any]], case: Case
+) -> None:
+    """A stage starting at layer c receives, after the hidden states, the per-layer input of
+    every layer from c on and, per layer type whose store layer runs before c and whose reuse
+    layers run from c on, its keys and values (two tensors); the per-layer input embedding and
+    projection live on stage 0's rank only."""
+    per_rank = case_results(results, case.key)
+    routes = _gemma4_kv_routes(per_rank[0])
+    n_layers = per_rank[0]["n_layers"]
+    received = 0
+    for result in per_rank:
+        for stage, calls in result["steps"][0]["received"].items():
+            cut = result["first_layers"][stage]
+            crossing = {kind for kind, store, reuse in routes if store < cut <= reuse}
+            expected = 1 if stage == "0" else 1 + (n_layers - cut) + 2 * len(crossing)
+            counts = [call["n_args"] for call in _microbatch_calls(calls)]
+            assert counts == [expected] * N, f"stage {stage} (first layer {cut}): {counts}"
+            received += len(crossing)
+        stage0_only = [name for name in result["names"] if name.startswith(GEMMA4_STAGE0_ONLY)]
+        assert bool(stage0_only) is result["has_first_stage"], stage0_only
+    assert received, "some stage receives shared keys and values"
+
+
 # --- the batches hold what the cases claim ---------------------------------------------------
 
 Batch = dict[str, Any]
@@ -573,6 +621,14 @@ def _full_and_sliding_stage(batch: Batch, case: Case, per_rank: list[dict[str, A
     assert {"full_attention", "sliding_attention"} in held, held
 
 
+def _kv_crosses_stages(batch: Batch, case: Case, per_rank: list[dict[str, Any]]) -> None:
+    stage_of = {i: int(s) for r in per_rank for s, held in r["stage_layers"].items() for i in held}
+    routes = _gemma4_kv_routes(per_rank[0])
+    assert routes and any(stage_of[reuse] > stage_of[store] for _, store, reuse in routes), (
+        "a reuse layer runs on a later stage than its store layer"
+    )
+
+
 #: What ``Case.claims`` may name: facts of the batch (and stages) a case is chosen for.
 CLAIMS: dict[str, Callable[[Batch, Case, list[dict[str, Any]]], None]] = {
     "text_only_mb": _text_only_mb,
@@ -581,6 +637,7 @@ CLAIMS: dict[str, Callable[[Batch, Case, list[dict[str, Any]]], None]] = {
     "several_images": _several_images,
     "image_and_video_in_a_sample": _image_and_video_in_a_sample,
     "full_and_sliding_stage": _full_and_sliding_stage,
+    "kv_crosses_stages": _kv_crosses_stages,
 }
 
 
@@ -719,6 +776,20 @@ def _llama4_layout(batch: Batch, case: Case) -> None:
     assert batch["image_tokens"] == [4 * runs for runs in batch["image_runs"]]
 
 
+def _gemma4_layout(batch: Batch, case: Case) -> None:
+    """One row per image padded to the most patches, ``image_position_ids`` beside it (-1 at
+    padding, some rows padded); real patches / 4 placeholders per image; ``mm_token_type_ids``
+    1 exactly at the image tokens."""
+    pixels, real, runs = batch["shapes"]["pixel_values"], batch["real_patches"], batch["image_runs"]
+    assert pixels == [sum(runs), GEMMA4_MAX_PATCHES, 3 * 4 * 4]
+    assert batch["shapes"]["image_position_ids"] == [sum(runs), GEMMA4_MAX_PATCHES, 2]
+    assert min(real) < GEMMA4_MAX_PATCHES, "a padded image row"
+    offsets = [sum(runs[:i]) for i in range(len(runs) + 1)]
+    per_sample = [real[offsets[i] : offsets[i + 1]] for i in range(len(runs))]
+    assert batch["image_tokens"] == [sum(n // GEMMA4_POOLED for n in s) for s in per_sample]
+    assert batch["mm_token_types"] == batch["image_tokens"]
+
+
 #: Per family, what its batches' layout must show (a family without one checks the rest).
 LAYOUTS: dict[str, Callable[[Batch, Case], None]] = {
     "glm4v": _glm4v_layout,
@@ -737,6 +808,7 @@ LAYOUTS: dict[str, Callable[[Batch, Case], None]] = {
     "step3p7": _step3_layout,
     "ernie4_5_vl_moe": _ernie_layout,
     "llama4": _llama4_layout,
+    "gemma4": _gemma4_layout,
 }
 
 

@@ -92,6 +92,7 @@ def test_each_family_refuses_a_batch_without_a_required_media_field_by_name(
         ("mistral3", "image_sizes"),
         ("internvl", "num_patches"),
         ("step3p7", "num_local_patches"),
+        ("gemma4", "image_position_ids"),
     ],
 )
 def test_the_fields_each_family_declares_required(model_type: str, field: str) -> None:
