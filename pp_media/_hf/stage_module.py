@@ -139,7 +139,7 @@ class VLMStage(nn.Module):
             **text_kwargs,
         ).last_hidden_state
         if self.is_last:
-            logits = self.get_submodule(adapter.head_path)(hidden)
+            logits = self.get_submodule(adapter.head_path)(adapter.head_input(self.config, hidden))
             return adapter.final_logits(self.config, logits)
         outputs = [hidden]
         if position_ids is not None:
