@@ -129,6 +129,12 @@ QWEN3_5 = [case for case in CASES if case.model_type == "qwen3_5"]
 QWEN3_5_LAYER_TYPES = ["linear_attention", "full_attention"] * 2
 #: Step3p7's vision tower: 14-pixel patches, then two stride-2 downsamplers.
 STEP3_PATCH, STEP3_DOWNSAMPLE = 14, 4
+#: Cases whose batch carries Aria's ``pixel_mask`` (padded image rows).
+PIXEL_MASKED = [case for case in PARITY if case.model_type == "aria"]
+#: Aria's tiny projector: 4 learned queries (placeholders) per image row.
+ARIA_QUERIES = 4
+#: Inkling's tiny patches: ``[2, 4, 4, 3]`` (2 frames of 4x4 RGB).
+INKLING_PATCH = [2, 4, 4, 3]
 
 
 def _ids(cases: list[Case]) -> list[str]:
@@ -280,6 +286,19 @@ def test_the_bidirectional_masks_matter_in_the_test_batch(
         )
         assert effect["grad"] > MASK_GRAD_FACTOR * case.grad_tolerance, (
             f"rank {rank}: the masks move the gradients by only {effect['grad']:.3e}"
+        )
+
+
+@pytest.mark.parametrize("case", PIXEL_MASKED, ids=_ids(PIXEL_MASKED))
+def test_the_pixel_mask_matters_in_the_test_batch(
+    results: list[dict[str, Any]], case: Case
+) -> None:
+    """Without ``pixel_mask`` the unsplit Aria's loss moves by far more than the tolerance, so
+    the parity of these cases proves that stage 0 got each row's own mask with its pixels."""
+    for rank, result in enumerate(case_results(results, case.key)):
+        effect = result["pixel_mask_effect"]
+        assert effect > MASK_LOSS_FACTOR * case.loss_tolerance, (
+            f"rank {rank}: pixel_mask moves the loss by only {effect:.3e}"
         )
 
 
@@ -568,6 +587,28 @@ def _step3_layout(batch: Batch, case: Case) -> None:
     assert 0 in per_microbatch and any(per_microbatch), per_microbatch
 
 
+def _aria_layout(batch: Batch, case: Case) -> None:
+    """One ``[3, S, S]`` row and one ``pixel_mask [S, S]`` per image, ``ARIA_QUERIES``
+    placeholders each; square images fill their row, the others leave padding."""
+    pixels, mask = batch["shapes"]["pixel_values"], batch["shapes"]["pixel_mask"]
+    runs = batch["image_runs"]
+    assert pixels[0] == mask[0] == sum(runs) and pixels[1:] == [3, *mask[1:]]
+    assert batch["image_tokens"] == [ARIA_QUERIES * n for n in runs]
+    real = batch["pixel_mask_real"]
+    assert max(real) == 1.0 and min(real) < 1.0, real
+
+
+def _inkling_layout(batch: Batch, case: Case) -> None:
+    """Flat ``[patches, 2, p, p, 3]`` patches, ``num_patches`` per image (images of several
+    sizes), one placeholder per patch, each image's run after its own ``image_bos``."""
+    tiles, runs, tokens = batch["num_patches"], batch["image_runs"], batch["image_tokens"]
+    assert batch["shapes"]["pixel_values"] == [sum(tiles), *INKLING_PATCH]
+    assert len(tiles) == sum(runs) and len(set(tiles)) > 1, tiles
+    offsets = [sum(runs[:i]) for i in range(len(runs) + 1)]
+    assert tokens == [sum(tiles[offsets[i] : offsets[i + 1]]) for i in range(len(runs))]
+    assert batch["image_bos"] == runs
+
+
 #: Per family, what its batches' layout must show (a family without one checks the rest).
 LAYOUTS: dict[str, Callable[[Batch, Case], None]] = {
     "glm4v": _glm4v_layout,
@@ -584,6 +625,8 @@ LAYOUTS: dict[str, Callable[[Batch, Case], None]] = {
     "smolvlm": _idefics3_layout,
     "internvl": _internvl_layout,
     "step3p7": _step3_layout,
+    "aria": _aria_layout,
+    "inkling_mm_model": _inkling_layout,
 }
 
 
