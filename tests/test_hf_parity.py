@@ -34,7 +34,11 @@ Step3p7's global views and local crops (both with MoE text models; their batches
 layout stand-ins ``FlatPatchLayout`` / ``Step3Layout``, as their processors need torchvision);
 LLaVA-NeXT and LLaVA-OneVision anyres crops (OneVision also with one ``[frames, C, H, W]`` row
 per video, and with a microbatch holding a sample of one image beside one of several, so its
-per-microbatch ``batch_num_images`` differs from the batch's).
+per-microbatch ``batch_num_images`` differs from the batch's); Aria's per-image rows with their
+``pixel_mask`` (leaving it out moves the reference's loss by 8.0e-4, far above the tolerance)
+and Inkling's flat patches counted by ``num_patches`` (4 stages of one layer each: its sliding
+and full hybrid layers apart; the head reads the hidden states divided by its muP multiplier),
+both with mixture-of-experts text models.
 
 What shows the checks can fail: a case that swaps the pixels of two equal-grid images of
 different samples in the pipeline's batch only must fail the parity check by orders of
@@ -70,9 +74,12 @@ Qwen3.5                                4.8e-7     1.7e-8
 Kimi-K2.5 (images, videos)             4.8e-7     1.9e-8
 Step3p7 (1F1B, GPipe)                  9.5e-7     3.5e-8
 LLaVA-NeXT, LLaVA-OneVision            4.8e-7     1.2e-7
+Aria                                   4.8e-7     2.1e-6                 gradients up to 9.6
+Inkling                                4.8e-7     1.5e-8
 =====================================  =========  =========  ==========  =====================
 
-Gradients are up to 1.3 in magnitude; the two copies of a tied embedding stay bit-for-bit
+Gradients are up to 1.3 in magnitude (Aria's projector: 9.6, whose fp32 ulp is 9.5e-7, hence
+its gradient tolerance of 4e-6); the two copies of a tied embedding stay bit-for-bit
 equal. In tied Gemma3 the ulp-level differences left by each SGD step grow about 3-4x a step
 (gradients 5.6e-8, 1.5e-7, 6.2e-7 in steps 1-3): a third step comes too near the tolerance,
 hence 2 steps there. Leaving out ``token_type_ids`` moves the reference's loss by 7.4e-4 to
