@@ -272,6 +272,13 @@ CASES: tuple[Case, ...] = (
         checkpoint=True,
         claims=("text_only_mb", "kv_crosses_stages"),
     ),
+    # --- aria ---
+    # The projector's LayerNorm divides by the small spread of the random cross-attention output:
+    # gradients up to 9.6 (cross_attn.linear.bias), whose fp32 ulp is 9.5e-7, so summation order
+    # alone leaves about 2e-6 there; 4e-6 is 4 ulps of the largest gradient.
+    Case("aria", "1F1B", claims=("several_images", "text_only_mb"), grad_tolerance=4e-6),
+    # --- inkling_mm_model ---
+    Case("inkling_mm_model", "Interleaved1F1B", claims=("several_images", "text_only_mb")),
 )
 
 
@@ -417,6 +424,11 @@ def describe_batch(batch: dict[str, torch.Tensor], config: Any, case: Case) -> d
         info["real_patches"] = (batch["image_position_ids"] != -1).all(-1).sum(-1).tolist()
     if "mm_token_type_ids" in batch:
         info["mm_token_types"] = batch["mm_token_type_ids"].sum(1).tolist()
+    image_bos = getattr(config, "image_bos_token_id", None)
+    if image_bos is not None:  # Inkling: one image_bos before each placeholder run
+        info["image_bos"] = (input_ids == image_bos).sum(1).tolist()
+    if "pixel_mask" in batch:  # Aria: the share of each row's pixels that are the image's
+        info["pixel_mask_real"] = batch["pixel_mask"].flatten(1).float().mean(1).tolist()
     if "pixel_attention_mask" in batch:  # per-sample rows: real crops, all-zero padding rows
         pixels = batch["pixel_values"]
         info["real_crops"] = (~(pixels == 0).flatten(2).all(-1)).sum(1).tolist()
@@ -608,6 +620,15 @@ def deepstack_off_loss(reference: Any, batch: dict[str, torch.Tensor]) -> float:
         del text._deepstack_process
 
 
+def pixel_mask_effect(reference: Any, batch: dict[str, torch.Tensor], ref_loss: float) -> float:
+    """How far the unsplit model's loss moves without ``pixel_mask`` (Aria: the vision tower
+    and the projector then attend to the processor's padding too): what a pipeline that lost
+    the masks, or paired them with other rows' pixels, would be near."""
+    unmasked = {name: value for name, value in batch.items() if name != "pixel_mask"}
+    with torch.no_grad():
+        return abs(reference(**unmasked).loss.item() - ref_loss)
+
+
 # --- one case ----------------------------------------------------------------------------
 
 
@@ -734,6 +755,8 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
             result["moe_effect"] = mask_effect(
                 reference, batch, ref_loss.item(), ref_grads, field="moe_mm_token_type_ids"
             )
+        if step == 0 and "pixel_mask" in batch:
+            result["pixel_mask_effect"] = pixel_mask_effect(reference, batch, ref_loss.item())
         if step == 0 and adapter.layer_feature_count(config):
             result["deepstack_off_loss"] = deepstack_off_loss(reference, batch)
 

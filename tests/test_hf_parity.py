@@ -34,7 +34,11 @@ Step3p7's global views and local crops (both with MoE text models; their batches
 layout stand-ins ``FlatPatchLayout`` / ``Step3Layout``, as their processors need torchvision);
 LLaVA-NeXT and LLaVA-OneVision anyres crops (OneVision also with one ``[frames, C, H, W]`` row
 per video, and with a microbatch holding a sample of one image beside one of several, so its
-per-microbatch ``batch_num_images`` differs from the batch's). Gemma4 (real
+per-microbatch ``batch_num_images`` differs from the batch's); Aria's per-image rows with their
+``pixel_mask`` (leaving it out moves the reference's loss by 8.0e-4, far above the tolerance)
+and Inkling's flat patches counted by ``num_patches`` (4 stages of one layer each: its sliding
+and full hybrid layers apart; the head reads the hidden states divided by its muP multiplier),
+both with mixture-of-experts text models. Gemma4 (real
 ``Gemma4ImageProcessorPil``: rows padded to 280 patches with ``image_position_ids``): every
 layer's per-layer input and, where a reuse layer runs on a later stage than its store layer,
 the shared keys and values cross with their gradients; 2 stages tied, the same with the MoE
@@ -93,6 +97,8 @@ ERNIE-4.5-VL MoE (tied, interleaved)   1.4e-6     5.4e-8     1.2e-7      2 SGD s
 ERNIE-4.5-VL MoE, router loss on       9.5e-7     3.0e-8                 per-microbatch ref.
 Llama 4 (1F1B, Interleaved1F1B)        4.8e-7     2.6e-8                 reference from parts
 Gemma4 (tied, MoE, 4 stages)           4.8e-7     1.5e-7
+Aria                                   4.8e-7     2.1e-6                 gradients up to 9.6
+Inkling                                4.8e-7     1.5e-8
 =====================================  =========  =========  ==========  =====================
 
 ERNIE-4.5-VL routes vision tokens to its vision experts by ``moe_mm_token_type_ids``: without it
@@ -101,7 +107,8 @@ reference is ``pp_media.testing.reference_loss``: ``Llama4ForConditionalGenerati
 raises in transformers 5.24 (modeling_llama4.py:1318) right after computing its loss, which
 ``test_moe_families.py`` reads from the failing frame and finds equal to that reference.
 
-Gradients are up to 1.3 in magnitude; the two copies of a tied embedding stay bit-for-bit
+Gradients are up to 1.3 in magnitude (Aria's projector: 9.6, whose fp32 ulp is 9.5e-7, hence
+its gradient tolerance of 4e-6); the two copies of a tied embedding stay bit-for-bit
 equal. In tied Gemma3 the ulp-level differences left by each SGD step grow about 3-4x a step
 (gradients 5.6e-8, 1.5e-7, 6.2e-7 in steps 1-3): a third step comes too near the tolerance,
 hence 2 steps there. Leaving out ``token_type_ids`` moves the reference's loss by 7.4e-4 to
@@ -178,6 +185,12 @@ ROUTER = [case for case in CASES if case.aux]
 QWEN3_5_LAYER_TYPES = ["linear_attention", "full_attention"] * 2
 #: Step3p7's vision tower: 14-pixel patches, then two stride-2 downsamplers.
 STEP3_PATCH, STEP3_DOWNSAMPLE = 14, 4
+#: Cases whose batch carries Aria's ``pixel_mask`` (padded image rows).
+PIXEL_MASKED = [case for case in PARITY if case.model_type == "aria"]
+#: Aria's tiny projector: 4 learned queries (placeholders) per image row.
+ARIA_QUERIES = 4
+#: Inkling's tiny patches: ``[2, 4, 4, 3]`` (2 frames of 4x4 RGB).
+INKLING_PATCH = [2, 4, 4, 3]
 
 
 def _ids(cases: list[Case]) -> list[str]:
@@ -329,6 +342,19 @@ def test_the_bidirectional_masks_matter_in_the_test_batch(
         )
         assert effect["grad"] > MASK_GRAD_FACTOR * case.grad_tolerance, (
             f"rank {rank}: the masks move the gradients by only {effect['grad']:.3e}"
+        )
+
+
+@pytest.mark.parametrize("case", PIXEL_MASKED, ids=_ids(PIXEL_MASKED))
+def test_the_pixel_mask_matters_in_the_test_batch(
+    results: list[dict[str, Any]], case: Case
+) -> None:
+    """Without ``pixel_mask`` the unsplit Aria's loss moves by far more than the tolerance, so
+    the parity of these cases proves that stage 0 got each row's own mask with its pixels."""
+    for rank, result in enumerate(case_results(results, case.key)):
+        effect = result["pixel_mask_effect"]
+        assert effect > MASK_LOSS_FACTOR * case.loss_tolerance, (
+            f"rank {rank}: pixel_mask moves the loss by only {effect:.3e}"
         )
 
 
@@ -790,6 +816,28 @@ def _gemma4_layout(batch: Batch, case: Case) -> None:
     assert batch["mm_token_types"] == batch["image_tokens"]
 
 
+def _aria_layout(batch: Batch, case: Case) -> None:
+    """One ``[3, S, S]`` row and one ``pixel_mask [S, S]`` per image, ``ARIA_QUERIES``
+    placeholders each; square images fill their row, the others leave padding."""
+    pixels, mask = batch["shapes"]["pixel_values"], batch["shapes"]["pixel_mask"]
+    runs = batch["image_runs"]
+    assert pixels[0] == mask[0] == sum(runs) and pixels[1:] == [3, *mask[1:]]
+    assert batch["image_tokens"] == [ARIA_QUERIES * n for n in runs]
+    real = batch["pixel_mask_real"]
+    assert max(real) == 1.0 and min(real) < 1.0, real
+
+
+def _inkling_layout(batch: Batch, case: Case) -> None:
+    """Flat ``[patches, 2, p, p, 3]`` patches, ``num_patches`` per image (images of several
+    sizes), one placeholder per patch, each image's run after its own ``image_bos``."""
+    tiles, runs, tokens = batch["num_patches"], batch["image_runs"], batch["image_tokens"]
+    assert batch["shapes"]["pixel_values"] == [sum(tiles), *INKLING_PATCH]
+    assert len(tiles) == sum(runs) and len(set(tiles)) > 1, tiles
+    offsets = [sum(runs[:i]) for i in range(len(runs) + 1)]
+    assert tokens == [sum(tiles[offsets[i] : offsets[i + 1]]) for i in range(len(runs))]
+    assert batch["image_bos"] == runs
+
+
 #: Per family, what its batches' layout must show (a family without one checks the rest).
 LAYOUTS: dict[str, Callable[[Batch, Case], None]] = {
     "glm4v": _glm4v_layout,
@@ -809,6 +857,8 @@ LAYOUTS: dict[str, Callable[[Batch, Case], None]] = {
     "ernie4_5_vl_moe": _ernie_layout,
     "llama4": _llama4_layout,
     "gemma4": _gemma4_layout,
+    "aria": _aria_layout,
+    "inkling_mm_model": _inkling_layout,
 }
 
 

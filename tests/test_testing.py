@@ -34,3 +34,15 @@ def test_importing_pp_media_and_its_fixtures_leaves_transformers_unloaded() -> N
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
     ).stdout
     assert printed.strip() == "[]"
+
+
+def test_an_alias_builds_the_model_type_it_stands_for() -> None:
+    """Inkling's model_type is ``inkling_mm_model`` (transformers' ``AutoConfig`` knows no
+    ``inkling``); its family name is accepted too, and is no model type of its own."""
+    from pp_media.testing import canonical_model_type, tiny_config
+
+    assert canonical_model_type("inkling") == "inkling_mm_model"
+    assert canonical_model_type("qwen2_vl") == "qwen2_vl"
+    assert fixture_for("inkling") is fixture_for("inkling_mm_model")
+    assert tiny_config("inkling").model_type == "inkling_mm_model"
+    assert "inkling" not in tiny_model_types()

@@ -91,6 +91,7 @@ def test_each_family_refuses_a_batch_without_a_required_media_field_by_name(
         ("llava_next", "image_sizes"),
         ("mistral3", "image_sizes"),
         ("internvl", "num_patches"),
+        ("inkling_mm_model", "num_patches"),
         ("step3p7", "num_local_patches"),
         ("gemma4", "image_position_ids"),
     ],

@@ -111,6 +111,7 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
     from pp_media._hf.families import adapter_for
     from pp_media.testing import (
         builds_videos,
+        canonical_model_type,
         default_seq_len,
         fixture_for,
         text_token_ids,
@@ -150,9 +151,9 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
 
         config = transformers.AutoConfig.from_pretrained(model_dir)
         checkpoint, label = str(model_dir), f"{config.model_type} from {model_dir}"
-    elif args.model in tiny_model_types():
+    elif canonical_model_type(args.model) in tiny_model_types():
         config = tiny_config(args.model)
-        checkpoint, label = str(workdir / "model"), f"tiny random {args.model}"
+        checkpoint, label = str(workdir / "model"), f"tiny random {config.model_type}"
     else:
         raise DemoError(
             f"--model {args.model!r} is neither a checkpoint directory nor one of "

@@ -313,7 +313,7 @@ def _first_line(error: BaseException) -> str:
 
 def load_config(model: str) -> tuple[Any, FamilyAdapter]:
     """``--model``: a tiny model type, or a checkpoint directory with a config.json."""
-    from pp_media.testing import tiny_config, tiny_model_types
+    from pp_media.testing import canonical_model_type, tiny_config, tiny_model_types
 
     if Path(model).is_dir():
         if not (Path(model) / "config.json").is_file():
@@ -324,7 +324,7 @@ def load_config(model: str) -> tuple[Any, FamilyAdapter]:
             config = transformers.AutoConfig.from_pretrained(model, local_files_only=True)
         except (OSError, ValueError, KeyError) as error:
             raise InspectError(f"cannot read the config in {model}: {_first_line(error)}") from None
-    elif model in tiny_model_types():
+    elif canonical_model_type(model) in tiny_model_types():
         config = tiny_config(model)
     else:
         raise InspectError(

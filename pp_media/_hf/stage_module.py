@@ -178,7 +178,7 @@ class VLMStage(nn.Module):
         hidden, produced = self._run_layers(hidden, named, attention_mask, fields, router_mask)
         named.update(produced)
         if self.is_last:
-            logits = self.get_submodule(adapter.head_path)(hidden)
+            logits = self.get_submodule(adapter.head_path)(adapter.head_input(self.config, hidden))
             logits = adapter.final_logits(self.config, logits)
             for_loss = [named[c.name] for c in carry.loss_carries(self.schema)]
             return (logits, *for_loss) if for_loss else logits

@@ -74,3 +74,56 @@ class Step3Layout:
             "num_local_patches": torch.tensor(local),
             "patch_newline_masks": torch.zeros(len(crops), dtype=torch.bool),
         }
+
+
+#: ``OPENAI_CLIP_MEAN`` / ``OPENAI_CLIP_STD``, the Inkling image processor's normalisation.
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class InklingPatchLayout:
+    """Stand-in for Inkling's image processor (it needs torchvision), following its steps:
+    each image scaled by ``rescale_image_frac`` (long edge, half-up rounding), cut into
+    ``ceil(H / p)`` rows of ``W // p + 1`` patches (its rule: one more column than fits),
+    each patch padded bottom-right to ``p x p`` with -1 before rescaling and normalising,
+    repeated over 2 frames: ``pixel_values [patches, 2, p, p, 3]`` flat over the batch and
+    ``num_patches`` per image. The resize is PIL's, so values differ slightly from
+    torchvision's; the layout does not."""
+
+    def __init__(self, patch_size: int, rescale_image_frac: float | None = None) -> None:
+        self.patch_size = patch_size
+        self.rescale_image_frac = rescale_image_frac
+
+    def _resized(self, image: Any) -> Any:
+        if self.rescale_image_frac is None:
+            return image.convert("RGB")
+        from PIL import Image
+
+        ratio = self.rescale_image_frac  # the long edge scaled by it: the same ratio for both
+        size = (int(image.width * ratio + 0.5), int(image.height * ratio + 0.5))
+        return image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+
+    def _patches(self, image: Any) -> Any:
+        import torch
+
+        patch = self.patch_size
+        pixels = _rgb_values(image).view(image.height, image.width, 3).permute(2, 0, 1)
+        rows, cols = -(-image.height // patch), image.width // patch + 1
+        out = torch.full((rows * cols, 3, patch, patch), -1.0)
+        for i in range(rows):
+            for j in range(cols):
+                piece = pixels[:, i * patch : (i + 1) * patch, j * patch : (j + 1) * patch]
+                out[i * cols + j, :, : piece.shape[1], : piece.shape[2]] = piece
+        mean = torch.tensor(_CLIP_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(_CLIP_STD).view(1, 3, 1, 1)
+        return (out / 255 - mean) / std
+
+    def __call__(self, images: list[Any], return_tensors: str = "pt") -> dict[str, Any]:
+        import torch
+
+        per_image = [self._patches(self._resized(image)) for image in images]
+        pixels = torch.cat(per_image).unsqueeze(-1).repeat(1, 1, 1, 1, 2)
+        return {
+            "pixel_values": pixels.permute(0, 4, 2, 3, 1).contiguous(),
+            "num_patches": torch.tensor([len(patches) for patches in per_image]),
+        }

@@ -59,12 +59,13 @@ def _image(generator: torch.Generator, height: int, width: int) -> Any:
 
 
 def _separators(config: Any) -> tuple[int | None, int | None]:
-    """The tokens around a placeholder run (Qwen: vision start/end; GLM-4V: image start/end)."""
+    """The tokens around a placeholder run (Qwen: vision start/end; GLM-4V: image start/end;
+    Inkling: an ``image_bos`` before the run and nothing after it)."""
     for prefix in ("vision", "image"):
         start = getattr(config, f"{prefix}_start_token_id", None)
         if start is not None:
             return start, getattr(config, f"{prefix}_end_token_id", None)
-    return None, None
+    return getattr(config, "image_bos_token_id", None), None
 
 
 def _image_row_shape(config: Any) -> tuple[int, ...]:
@@ -195,7 +196,9 @@ def synthetic_batch(
 
     def placeholder_run(token: int, n_tokens: int) -> list[int]:
         run = [token] * n_tokens
-        return run if start is None else [start, *run, end]
+        if start is None:
+            return run
+        return [start, *run] if end is None else [start, *run, end]
 
     text_ids = text_token_ids(config)
 

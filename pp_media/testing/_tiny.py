@@ -63,6 +63,9 @@ class TinyFamily:
 
     #: ``config.model_type`` values this fixture builds.
     model_types: tuple[str, ...] = ()
+    #: Other names ``tiny_config`` and ``--model`` take for the first of ``model_types``
+    #: (Inkling's family name ``inkling`` for its model_type ``inkling_mm_model``).
+    aliases: tuple[str, ...] = ()
     #: The image processor takes the images grouped by sample (a list per sample).
     images_by_sample: bool = False
     #: Images every sample carries when the layout fixes it (Step3: one), else None.
@@ -103,6 +106,7 @@ class TinyFamily:
 
 
 _FAMILIES: dict[str, TinyFamily] = {}
+_ALIASES: dict[str, str] = {}
 
 
 def tiny_family(cls: type[TinyFamily]) -> type[TinyFamily]:
@@ -110,7 +114,14 @@ def tiny_family(cls: type[TinyFamily]) -> type[TinyFamily]:
     fixture = cls()
     for model_type in cls.model_types:
         _FAMILIES[model_type] = fixture
+    for alias in cls.aliases:
+        _ALIASES[alias] = cls.model_types[0]
     return cls
+
+
+def canonical_model_type(name: str) -> str:
+    """The model_type ``name`` stands for: an alias's, else ``name`` itself."""
+    return _ALIASES.get(name, name)
 
 
 def tiny_model_types() -> tuple[str, ...]:
@@ -120,7 +131,7 @@ def tiny_model_types() -> tuple[str, ...]:
 
 def fixture_for(model_type: str) -> TinyFamily:
     """The fixture of ``model_type``; a one-line error naming the known ones."""
-    fixture = _FAMILIES.get(model_type)
+    fixture = _FAMILIES.get(canonical_model_type(model_type))
     if fixture is None:
         raise ValueError(
             f"pp_media: no tiny config for model_type {model_type!r}; choose one of "
@@ -131,6 +142,7 @@ def fixture_for(model_type: str) -> TinyFamily:
 
 def tiny_config(model_type: str, *, num_layers: int = 4, tie_word_embeddings: bool = False) -> Any:
     """A small config of ``model_type`` with ``num_layers`` decoder layers."""
+    model_type = canonical_model_type(model_type)
     text = text_config(num_layers, tie_word_embeddings)
     return fixture_for(model_type).config(model_type, text, tie_word_embeddings)
 

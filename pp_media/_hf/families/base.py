@@ -228,6 +228,11 @@ class FamilyAdapter:
         """The LM head's output as the family's ``forward`` returns it (e.g. soft-capped)."""
         return logits
 
+    def head_input(self, config: Any, hidden: torch.Tensor) -> torch.Tensor:
+        """The final (normed) hidden states as the family's ``forward`` feeds them to the LM
+        head (Inkling divides them by its muP width multiplier first); default unchanged."""
+        return hidden
+
     def stage_media(
         self, config: Any, media: dict[str, list[torch.Tensor]]
     ) -> dict[str, list[torch.Tensor]]:
