@@ -196,6 +196,18 @@ CASES: tuple[Case, ...] = (
         seed=9,
         claims=("text_only_mb", "image_beside_several", "image_and_video_in_a_sample"),
     ),
+    # --- qwen3_5_moe ---
+    Case("qwen3_5_moe", "1F1B", claims=("text_only_mb",)),
+    Case("qwen3_5_moe", "Interleaved1F1B", batch="videos", claims=("image_and_video_in_a_sample",)),
+    # --- glm4v_moe --- (images only, as GLM-4V)
+    Case("glm4v_moe", "1F1B", claims=("several_images",)),
+    Case("glm4v_moe", "Interleaved1F1B", claims=("several_images", "text_only_mb")),
+    # --- minimax_m3_vl ---
+    Case("minimax_m3_vl", "1F1B", batch="videos", claims=("image_and_video_in_a_sample",)),
+    Case("minimax_m3_vl", "Interleaved1F1B", claims=("text_only_mb",)),
+    # --- qwen3_omni_moe_thinker ---
+    Case("qwen3_omni_moe_thinker", "1F1B", batch="videos", claims=("image_and_video_in_a_sample",)),
+    Case("qwen3_omni_moe_thinker", "Interleaved1F1B", claims=("text_only_mb",)),
 )
 
 
@@ -447,11 +459,10 @@ def deepstack_off_loss(reference: Any, batch: dict[str, torch.Tensor]) -> float:
 
 def new_model(config: Any) -> Any:
     """The case's random model, with the family fixture's ``make_checkable`` applied."""
-    import transformers
-
+    from pp_media._hf.checkpoint import _model_factory
     from pp_media.testing import fixture_for
 
-    model = transformers.AutoModelForImageTextToText.from_config(config)
+    model = _model_factory(config)(config)
     fixture_for(config.model_type).make_checkable(model, MODEL_SEED)
     return model
 

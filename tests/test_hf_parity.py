@@ -496,8 +496,9 @@ def _anyres_layout(batch: Batch, case: Case) -> None:
 
 
 def _flat_videos_layout(batch: Batch, case: Case) -> None:
-    """Qwen3-VL / Qwen3.5 / Kimi-K2.5 videos: ``t*h*w`` patch rows, several frames; each frame
-    its own placeholder run (Kimi-K2.5: pooled over time, one run of ``h*w/4`` per video)."""
+    """Qwen3-VL / Qwen3.5 (MoE) / MiniMax-M3-VL / Kimi-K2.5 videos: ``t*h*w`` patch rows,
+    several frames; each frame its own placeholder run (Kimi-K2.5: pooled over time, one run of
+    ``h*w/4`` per video)."""
     if case.batch != "videos":
         return
     grids, videos, shapes = batch["video_grid_thw"], batch["video_tokens"], batch["shapes"]
@@ -510,6 +511,19 @@ def _flat_videos_layout(batch: Batch, case: Case) -> None:
     else:
         assert sum(batch["video_runs"]) == sum(t for t, _, _ in grids), "a run per frame"
         assert [v for v in videos if v] == [t * h * w // 4 for t, h, w in grids]
+
+
+def _omni_layout(batch: Batch, case: Case) -> None:
+    """Qwen3-Omni thinker videos: ``t*h*w`` patch rows, several frames, one placeholder run of
+    ``t*h*w/4`` per video, and one ``video_second_per_grid`` each."""
+    if case.batch != "videos":
+        return
+    grids, shapes = batch["video_grid_thw"], batch["shapes"]
+    assert shapes["pixel_values_videos"][0] == sum(t * h * w for t, h, w in grids)
+    assert any(t > 1 for t, _, _ in grids), "a video of several frames"
+    assert sum(batch["video_runs"]) == len(grids), "one run per video"
+    assert [v for v in batch["video_tokens"] if v] == [t * h * w // 4 for t, h, w in grids]
+    assert shapes["video_second_per_grid"] == [len(grids)]
 
 
 def _kimi_layout(batch: Batch, case: Case) -> None:
@@ -579,6 +593,10 @@ LAYOUTS: dict[str, Callable[[Batch, Case], None]] = {
     "llava_onevision": _anyres_layout,
     "qwen3_vl": _flat_videos_layout,
     "qwen3_5": _flat_videos_layout,
+    "qwen3_5_moe": _flat_videos_layout,
+    "glm4v_moe": _glm4v_layout,
+    "minimax_m3_vl": _flat_videos_layout,
+    "qwen3_omni_moe_thinker": _omni_layout,
     "kimi_k25": _kimi_layout,
     "idefics3": _idefics3_layout,
     "smolvlm": _idefics3_layout,

@@ -10,7 +10,7 @@ and pp_media's model side, not transformers: configs and processors load it when
 from __future__ import annotations
 
 from pp_media.testing import families as _families  # noqa: F401  (registers every fixture)
-from pp_media.testing._stand_ins import FlatPatchLayout, Step3Layout
+from pp_media.testing._stand_ins import FlatPatchLayout, MergedPatchLayout, Step3Layout
 from pp_media.testing._synthetic import (
     builds_videos,
     default_seq_len,
@@ -38,6 +38,7 @@ __all__ = [
     "VISION_START",
     "VOCAB",
     "FlatPatchLayout",
+    "MergedPatchLayout",
     "Step3Layout",
     "TinyFamily",
     "builds_videos",

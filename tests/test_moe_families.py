@@ -1,0 +1,81 @@
+"""The MoE families' adapter facts that the parity rows cannot show on their own.
+
+``router(layer)`` must name, layer by layer, exactly the module whose output transformers
+records as ``router_logits`` (``OutputRecorder`` in the text model's ``_can_record_outputs``)
+and its output index, and None for the dense layers; built on the meta device, so no weights
+are drawn. MiniMax-M3-VL's layout stand-in must lay out patches exactly as the Qwen-VL
+processors do (MiniMax's own ``patchify`` is that code; it needs torchvision, the Qwen2-VL PIL
+processor does not).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from pp_media._hf.checkpoint import _model_factory
+from pp_media._hf.families import adapter_for
+from pp_media.testing import MergedPatchLayout, tiny_config
+
+#: Model type, text-config changes, and the decoder layers that must have no router.
+ROUTER_CASES = [
+    ("qwen3_5_moe", {}, []),
+    ("glm4v_moe", {}, [0]),  # first_k_dense_replace 1
+    ("minimax_m3_vl", {}, [0]),  # mlp_layer_types[0] == "dense"
+    ("qwen3_omni_moe_thinker", {}, []),
+    ("qwen3_omni_moe_thinker", {"mlp_only_layers": [1]}, [1]),
+    ("qwen3_omni_moe_thinker", {"decoder_sparse_step": 2}, [0, 2]),
+]
+
+
+def _meta_model(model_type: str, text_changes: dict[str, Any]) -> Any:
+    config = tiny_config(model_type)
+    for name, value in text_changes.items():
+        setattr(config.get_text_config(), name, value)
+    with torch.device("meta"):
+        return _model_factory(config)(config)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "text_changes", "dense"),
+    ROUTER_CASES,
+    ids=[f"{t}-{'-'.join(c) or 'tiny'}" for t, c, _ in ROUTER_CASES],
+)
+def test_router_hook_names_what_transformers_records(
+    model_type: str, text_changes: dict[str, Any], dense: list[int]
+) -> None:
+    model = _meta_model(model_type, text_changes)
+    adapter = adapter_for(model.config)
+    text = model.get_submodule(adapter.text_model_path)
+    recorder = type(text)._can_record_outputs["router_logits"]
+    found = [adapter.router(layer) for layer in text.layers]
+    assert [i for i, hook in enumerate(found) if hook is None] == dense
+    recorded = [m for m in text.layers.modules() if isinstance(m, recorder.target_class)]
+    hooked = [module for module, _ in filter(None, found)]
+    assert len(hooked) == len(recorded) == len(text.layers) - len(dense)
+    assert all(mine is theirs for mine, theirs in zip(hooked, recorded, strict=True))
+    assert {index for _, index in filter(None, found)} == {recorder.index}
+
+
+def test_the_merged_patch_stand_in_has_the_qwen_vl_processors_layout() -> None:
+    """Same rows in the same order as ``Qwen2VLImageProcessorPil`` without resizing or
+    normalisation, up to the stand-in's scaling to [-1, 1]; the same grids."""
+    import transformers
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    images = [
+        Image.fromarray(
+            torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy()
+        )
+        for h, w in ((56, 84), (112, 56))
+    ]
+    stand_in = MergedPatchLayout(patch_size=14, merge_size=2, temporal_patch_size=2)(images)
+    real = transformers.Qwen2VLImageProcessorPil(
+        patch_size=14, merge_size=2, temporal_patch_size=2, do_resize=False, do_normalize=False
+    )(images=images, return_tensors="pt")
+    assert torch.equal(stand_in["image_grid_thw"], real["image_grid_thw"])
+    assert stand_in["image_grid_thw"].tolist() == [[1, 4, 6], [1, 8, 4]]
+    torch.testing.assert_close(stand_in["pixel_values"], real["pixel_values"] * 2 - 1)
