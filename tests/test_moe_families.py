@@ -79,3 +79,28 @@ def test_the_merged_patch_stand_in_has_the_qwen_vl_processors_layout() -> None:
     assert torch.equal(stand_in["image_grid_thw"], real["image_grid_thw"])
     assert stand_in["image_grid_thw"].tolist() == [[1, 4, 6], [1, 8, 4]]
     torch.testing.assert_close(stand_in["pixel_values"], real["pixel_values"] * 2 - 1)
+
+
+def test_a_thinker_batch_with_audio_is_refused_by_name() -> None:
+    """Audio is left out of the thinker's pipeline: its fields or placeholders in a batch are
+    refused before anything runs (a step would drop them silently otherwise)."""
+    from pp_media._hf.batch import prepare_step_inputs
+    from pp_media.testing import synthetic_batch
+
+    config = tiny_config("qwen3_omni_moe_thinker")
+    adapter = adapter_for(config)
+    batch = synthetic_batch(config, 4, 48, seed=1, max_images=1)
+    prepare_step_inputs(batch, adapter, config, 2)  # images only: accepted
+    with_audio = {**batch, "input_features": torch.zeros(1, 16, 8)}
+    with pytest.raises(ValueError) as refused:
+        prepare_step_inputs(with_audio, adapter, config, 2)
+    assert str(refused.value) == (
+        "pp_media: the batch holds audio (input_features; 0 audio placeholder tokens, id 989) "
+        "but the qwen3_omni_moe_thinker pipeline takes images and videos only; leave the audio "
+        "out of the processor's inputs."
+    )
+    placeholders = batch["input_ids"].clone()
+    placeholders[0, 0] = config.audio_token_id
+    with pytest.raises(ValueError, match=r"\(no audio fields; 1 audio placeholder tokens"):
+        prepare_step_inputs({**batch, "input_ids": placeholders}, adapter, config, 2)
+    assert "input_features" not in batch

@@ -1,7 +1,8 @@
 """The thinker of Qwen3-Omni (``qwen3_omni_moe_thinker``): Qwen3-VL's images and deepstack, an
 MoE text model, and M-RoPE positions computed from the token ids, the grids and each video's
-``video_second_per_grid`` (no ``mm_token_type_ids``). Audio is not supported: the audio tower
-stays on stage 0 unused (a batch's audio fields are refused as unknown media)."""
+``video_second_per_grid`` (no ``mm_token_type_ids``). Audio is not supported yet: the audio
+tower stays on stage 0 unused, and a batch with audio is refused by name (a step would
+otherwise drop ``input_features`` and train on the bare audio placeholders)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from pp_media._layouts import GRID_IMAGES, MediaLayout
 from pp_media._layouts import VIDEOS as VIDEO_GROUP
 
 SECONDS = "video_second_per_grid"
+#: What the Omni processor emits for audio, beside the audio placeholder tokens.
+AUDIO_FIELDS = ("input_features", "feature_attention_mask", "audio_feature_lengths")
 VIDEOS = replace(qwen_vl.VIDEOS, requires=("video_grid_thw", SECONDS))
 #: Images by grid; videos by grid, each with its seconds per temporal patch.
 OMNI_LAYOUT = MediaLayout((GRID_IMAGES, replace(VIDEO_GROUP, per_item=(SECONDS,), extras=())))
@@ -63,6 +66,16 @@ class Qwen3OmniThinkerAdapter(Qwen3VLAdapter):
     def step_fields(
         self, config: Any, batch: Mapping[str, Any], has_media: bool
     ) -> dict[str, torch.Tensor]:
+        """None (positions come from the token ids); refuses a batch with audio."""
+        audio = [name for name in AUDIO_FIELDS if batch.get(name) is not None]
+        tokens = int((batch["input_ids"] == config.audio_token_id).sum())
+        if audio or tokens:
+            raise ValueError(
+                f"pp_media: the batch holds audio ({', '.join(audio) or 'no audio fields'}; "
+                f"{tokens} audio placeholder tokens, id {config.audio_token_id}) but the "
+                "qwen3_omni_moe_thinker pipeline takes images and videos only; leave the "
+                "audio out of the processor's inputs."
+            )
         return {}
 
     def router(self, layer: nn.Module) -> tuple[nn.Module, int] | None:
