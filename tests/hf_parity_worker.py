@@ -33,6 +33,7 @@ from tests.helpers.parity import (
     HEAD,
     compare_step,
     largest,
+    per_microbatch_router_loss,
     placeholder_runs,
     quiet_transformers,
     snapshot,
@@ -82,6 +83,15 @@ class Case:
     drop_mm_token_type_ids: bool = False
     #: Remove ``token_type_ids`` from the batch of both runs (plain causal masks).
     drop_token_type_ids: bool = False
+    #: The router load-balancing loss: "" (the config's ``output_router_logits``, off in the
+    #: fixtures), "config" (the config's flag set: transformers' rule), "override"
+    #: (``build_vlm_pipeline(output_router_logits=True)``, the config's flag off). On, the
+    #: reference applies transformers' formula per microbatch (``per_microbatch_router_loss``).
+    aux: str = ""
+    microbatches: int = N_MICROBATCHES
+    #: After the step, also ``clip_grad_norm_`` (the norm only) and ``eval_step`` against the
+    #: reference (the router loss: with the extra stage output and loss term).
+    api_checks: bool = False
     #: What the batch must hold, checked by ``test_hf_parity``'s claim of that name
     #: ("text_only_microbatch", "image_beside_several", ...).
     claims: tuple[str, ...] = ()
@@ -101,6 +111,10 @@ class Case:
             parts.append("no_token_type_ids")
         if self.sgd_steps:
             parts.append(f"sgd{self.sgd_steps}")
+        if self.aux:
+            parts.append(f"aux_{self.aux}")
+        if self.microbatches != N_MICROBATCHES:
+            parts.append(f"{self.microbatches}mb")
         if self.seed != BATCH_SEED:
             parts.append(f"seed{self.seed}")
         if self.num_layers != TINY_LAYERS:
@@ -196,18 +210,34 @@ CASES: tuple[Case, ...] = (
         seed=9,
         claims=("text_only_mb", "image_beside_several", "image_and_video_in_a_sample"),
     ),
+    # --- qwen3_vl_moe ---
+    # Router loss off (the config's default): the unsplit model's loss. On: the formula per
+    # microbatch; with stage 0 holding no decoder layer (its stats start from zeros and pass on
+    # as a copy) under Interleaved1F1B; with one microbatch, exactly model(**batch).loss.
+    Case("qwen3_vl_moe", "1F1B", claims=("text_only_mb",)),
+    Case("qwen3_vl_moe", "1F1B", aux="config", api_checks=True, claims=("text_only_mb",)),
+    Case("qwen3_vl_moe", "Interleaved1F1B", aux="override", layers_per_stage=(0, 2, 1, 1)),
+    Case("qwen3_vl_moe", "GPipe", aux="config", microbatches=1),
     # --- qwen3_5_moe ---
+    # Each MoE family: router loss off on 1F1B and Interleaved1F1B (model(**batch).loss), and on
+    # (the formula per microbatch) on one of them.
     Case("qwen3_5_moe", "1F1B", claims=("text_only_mb",)),
     Case("qwen3_5_moe", "Interleaved1F1B", batch="videos", claims=("image_and_video_in_a_sample",)),
+    Case("qwen3_5_moe", "Interleaved1F1B", aux="config", claims=("text_only_mb",)),
     # --- glm4v_moe --- (images only, as GLM-4V)
+    # Aux on, Interleaved1F1B: stage 0 holds only the dense layer 0 (no router), routing uses
+    # random sigmoid biases while the loss counts the raw logits' softmax.
     Case("glm4v_moe", "1F1B", claims=("several_images",)),
     Case("glm4v_moe", "Interleaved1F1B", claims=("several_images", "text_only_mb")),
+    Case("glm4v_moe", "Interleaved1F1B", aux="override", claims=("several_images",)),
     # --- minimax_m3_vl ---
     Case("minimax_m3_vl", "1F1B", batch="videos", claims=("image_and_video_in_a_sample",)),
     Case("minimax_m3_vl", "Interleaved1F1B", claims=("text_only_mb",)),
+    Case("minimax_m3_vl", "1F1B", aux="config", claims=("text_only_mb",)),
     # --- qwen3_omni_moe_thinker ---
     Case("qwen3_omni_moe_thinker", "1F1B", batch="videos", claims=("image_and_video_in_a_sample",)),
     Case("qwen3_omni_moe_thinker", "Interleaved1F1B", claims=("text_only_mb",)),
+    Case("qwen3_omni_moe_thinker", "Interleaved1F1B", aux="config", batch="videos"),
 )
 
 
@@ -320,14 +350,14 @@ def misrouted(batch: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Te
     raise AssertionError("the misroute batch has no two equal-grid images of different samples")
 
 
-def describe_batch(batch: dict[str, torch.Tensor], config: Any) -> dict[str, Any]:
+def describe_batch(batch: dict[str, torch.Tensor], config: Any, case: Case) -> dict[str, Any]:
     """The facts about ``batch`` that the test checks the case's claims against."""
     from pp_media._core.bounds import sample_bounds
 
     input_ids = batch["input_ids"]
     info: dict[str, Any] = {
         "keys": sorted(batch),
-        "bounds": list(sample_bounds(input_ids.shape[0], N_MICROBATCHES)),
+        "bounds": list(sample_bounds(input_ids.shape[0], case.microbatches)),
         "shapes": {name: list(value.shape) for name, value in batch.items()},
         "image_tokens": (input_ids == config.image_token_id).sum(1).tolist(),
         "image_runs": placeholder_runs(input_ids, config.image_token_id),
@@ -371,8 +401,8 @@ def stage_layer_types(stage: Any) -> dict[str, list[Any]]:
 
 class Received:
     """Forward pre-hooks on this rank's stage modules: per stage, per microbatch, how many
-    positional tensors it got, and the largest carried per-layer feature (inputs after
-    hidden, position ids and the media-position mask, for stages after the first)."""
+    positional tensors it got, and the largest of each carried per-layer feature (the
+    ``deepstack.<i>`` carries, by the stage's schema, for stages after the first)."""
 
     def __init__(self, pipe: Any) -> None:
         self.calls: dict[int, list[dict[str, Any]]] = {}
@@ -382,9 +412,13 @@ class Received:
         ]
 
     def _hook(self, stage: Any) -> Any:
+        from pp_media._hf.carry import live
+
+        names = [carry.name for carry in live(stage.schema, stage.first_layer)]
+
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            lead = 2 if stage.adapter.sends_position_ids else 1
-            carried = args[lead + 1 :] if not stage.is_first else ()
+            received = zip(names, args[1:], strict=False) if not stage.is_first else ()
+            carried = [value for name, value in received if name.startswith("deepstack.")]
             self.calls.setdefault(stage.stage_index, []).append(
                 {
                     "n_args": len(args),
@@ -434,6 +468,69 @@ def mask_effect(
         if value is not None and ref is not None:
             grad = max(grad, (value - ref).abs().max().item())
     return {"loss": abs(loss.item() - ref_loss), "grad": grad}
+
+
+def router_facts(
+    reference: Any, batch: dict[str, torch.Tensor], router: Any, ref_grads: dict[str, Any]
+) -> dict[str, Any]:
+    """What shows a router-loss case's check can fail: the reference's loss without the router
+    loss and with it over the whole batch (``model(**batch).loss``, config flag off and on),
+    how far the router gradients move without it, and the per-microbatch and whole-batch
+    ``aux``. ``autograd.grad`` leaves the reference's ``.grad`` alone."""
+    text = reference.config.get_text_config()
+    flag = text.output_router_logits
+    params = dict(reference.named_parameters())
+    gates = [name for name in params if name.endswith(".mlp.gate.weight")]
+    try:
+        text.output_router_logits = False
+        off = reference(**batch).loss
+        grads = torch.autograd.grad(off, [params[name] for name in gates])
+        text.output_router_logits = True
+        with torch.no_grad():
+            whole = reference(**batch).loss.item()
+    finally:
+        text.output_router_logits = flag
+    moved = max((g - ref_grads[n]).abs().max().item() for n, g in zip(gates, grads, strict=True))
+    return {
+        "loss": router.loss.item(),
+        "off_loss": off.item(),
+        "whole_batch_loss": whole,
+        "gate_grad_effect": moved,
+        "mean_aux": router.mean_aux,
+        "whole_batch_aux": router.whole_batch_aux,
+    }
+
+
+def api_checks(
+    pipe: Any,
+    reference: Any,
+    batch: dict[str, torch.Tensor],
+    ref_grads: dict[str, Any],
+    case: Case,
+) -> dict[str, Any]:
+    """``clip_grad_norm_`` (a max norm no gradient reaches: the norm only) and ``eval_step``
+    after the step, beside the reference's gradient norm and its loss in eval mode without
+    a graph (per microbatch with the router loss on)."""
+    norm = pipe.clip_grad_norm_(1e9).item()
+    ref_norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g) for g in ref_grads.values() if g is not None])
+    ).item()
+    loss = pipe.eval_step(batch)
+    router = pipe.last_router_loss
+    reference.eval()
+    with torch.no_grad():
+        if case.aux:
+            ref_loss = per_microbatch_router_loss(reference, batch, case.microbatches).loss
+        else:
+            ref_loss = reference(**batch).loss
+    reference.train()
+    return {
+        "grad_norm": norm,
+        "ref_grad_norm": ref_norm,
+        "eval_loss": None if loss is None else loss.item(),
+        "ref_eval_loss": ref_loss.item(),
+        "eval_router_loss": None if router is None else router.item(),
+    }
 
 
 def deepstack_off_loss(reference: Any, batch: dict[str, torch.Tensor]) -> float:
@@ -517,14 +614,17 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
     from pp_media.testing import tiny_config
 
     config = tiny_config(case.model_type, num_layers=case.num_layers, tie_word_embeddings=case.tied)
+    if case.aux == "config":
+        config.get_text_config().output_router_logits = True
     adapter = adapter_for(config)
     reference, source = build(rank, case, config, workdir)
     pipe = build_vlm_pipeline(
         source,
         schedule=case.schedule,
-        n_microbatches=N_MICROBATCHES,
+        n_microbatches=case.microbatches,
         layers_per_stage=case.layers_per_stage,
         device="cpu",
+        output_router_logits=True if case.aux == "override" else None,
     )
     full = dict(reference.named_parameters(remove_duplicate=False))
     named = dict(pipe.named_parameters(remove_duplicate=False))
@@ -552,10 +652,16 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
     for step in range(max(case.sgd_steps, 1)):
         batch = make_batch(config, case, case.seed + step)
         if step == 0:
-            result["batch"] = describe_batch(batch, config)
-        ref_loss = reference(**batch).loss
+            result["batch"] = describe_batch(batch, config, case)
+        if case.aux:
+            router = per_microbatch_router_loss(reference, batch, case.microbatches)
+            ref_loss = router.loss
+        else:
+            ref_loss = reference(**batch).loss
         ref_loss.backward()
         ref_grads = {name: p.grad for name, p in full.items()}
+        if step == 0 and case.aux:
+            result["router"] = router_facts(reference, batch, router, ref_grads)
         if step == 0 and "token_type_ids" in batch:
             result["mask_effect"] = mask_effect(reference, batch, ref_loss.item(), ref_grads)
         if step == 0 and adapter.layer_feature_count(config):
@@ -571,6 +677,11 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
         loss = pipe.step(pipe_batch)
         record = compare_step(named, ref_grads, loss, ref_loss)
         record["received"] = received.remove()
+        if case.aux:
+            last = pipe.last_router_loss
+            record["router_loss"] = None if last is None else last.item()
+        if case.api_checks:
+            record.update(api_checks(pipe, reference, batch, ref_grads, case))
         record["batch_unchanged"] = unchanged(pipe_batch, before)
         record["compared"] = len(named)
         # No gradient where the reference has one, even an all-zero one.

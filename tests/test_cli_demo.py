@@ -196,3 +196,35 @@ def test_demo_save_to_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["demo", "--save", str(target)]) == 2
     message = f"--save {str(target)!r} is a file; give a directory to export the model to"
     assert capsys.readouterr().err == f"pp-media demo: error: {message}\n"
+
+
+_MOE_ROW = re.compile(
+    r"^\s*(\d+)\s+(\d+\.\d+)\s+(\d+\.\d+)\s+(\S+)\s+(\d+\.\d+)\s+(\d+\.\d+)$", re.MULTILINE
+)
+_ROUTER_LINE = re.compile(
+    r"minus the whole-batch aux: mean ([-+]\d\.\d+e[-+]\d+), largest ([-+]\d\.\d+e[-+]\d+) over "
+    r"(\d+) steps; max \|difference\| from the reference's per-microbatch aux (\S+)$",
+    re.MULTILINE,
+)
+
+
+def test_moe_demo_shows_the_router_loss_beside_the_loss() -> None:
+    """The one MoE demo run (qwen3_vl_moe): both runs add the router loss per microbatch, the
+    table shows the pipeline's router aux (mean over its microbatches) beside the reference's
+    whole-batch aux, and the line below gives their gap, which the rows must reproduce."""
+    demo = [sys.executable, "-m", "pp_media", "demo", "--model", "qwen3_vl_moe"]
+    result = _run([*demo, "--steps", "2"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "router aux     batch aux" in result.stdout
+    rows = [tuple(float(v) for v in m.groups()) for m in _MOE_ROW.finditer(result.stdout)]
+    assert [int(row[0]) for row in rows] == [0, 1]
+    assert max(abs(row[1] - row[2]) for row in rows) <= 1e-5
+    # Tiny random routers are near uniform: aux = E * sum(f_e * P_e) ~ top-k = 2.
+    assert all(1.9 < row[4] < 2.2 and 1.9 < row[5] < 2.2 for row in rows), rows
+    line = _ROUTER_LINE.search(result.stdout)
+    assert line, result.stdout
+    gaps = [row[4] - row[5] for row in rows]
+    assert float(line[1]) == pytest.approx(sum(gaps) / 2, abs=2e-6)
+    assert int(line[3]) == 2 and float(line[4]) <= 1e-5
+    verdict = result.stdout.strip().splitlines()[-2]
+    assert verdict.startswith("PASS: tiny random qwen3_vl_moe, 1F1B, 2 ranks, 4 microbatches")

@@ -108,6 +108,12 @@ MASK_LOSS_FACTOR = 10
 VISION_GRAD_FACTOR = 1000
 #: Switching deepstack off must move the reference loss by this factor x the loss tolerance.
 DEEPSTACK_LOSS_FACTOR = 100
+#: The router loss must move the reference's loss and router gradients by these factors x the
+#: tolerances; the whole-batch form must differ from the per-microbatch one by the last (the
+#: tiny qwen3_vl_moe: 4000x, 300x and 5.7x measured).
+ROUTER_LOSS_FACTOR = 1000
+ROUTER_GRAD_FACTOR = 100
+WHOLE_BATCH_FACTOR = 4
 TIMEOUT_S = 480
 
 N = worker_module.N_MICROBATCHES
@@ -125,6 +131,8 @@ MASKED = [
 ]
 DEEPSTACK = [case for case in CASES if case.model_type == "qwen3_vl"]
 QWEN3_5 = [case for case in CASES if case.model_type == "qwen3_5"]
+#: Cases with the router load-balancing loss on (MoE families).
+ROUTER = [case for case in CASES if case.aux]
 #: Qwen3.5's tiny decoder: ``tiny_config("qwen3_5").text_config.layer_types``.
 QWEN3_5_LAYER_TYPES = ["linear_attention", "full_attention"] * 2
 #: Step3p7's vision tower: 14-pixel patches, then two stride-2 downsamplers.
@@ -402,6 +410,53 @@ def test_each_qwen3_5_stage_runs_the_layer_types_of_its_own_layers(
         for stage, calls in result["steps"][0]["received"].items():
             n_args = 1 if stage == "0" else 2
             assert all(call["n_args"] == n_args for call in _microbatch_calls(calls)), stage
+
+
+# --- the router load-balancing loss ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ROUTER, ids=_ids(ROUTER))
+def test_the_router_loss_is_added_per_microbatch_and_its_check_can_fail(
+    results: list[dict[str, Any]], case: Case
+) -> None:
+    """With the router loss on, the pipeline matched (``test_loss_and_every_gradient...``) a
+    reference applying transformers' formula per microbatch. Here: that term moves the loss
+    and the router gradients far beyond the tolerances (a pipeline that dropped it would
+    fail), ``pipe.last_router_loss`` is the mean per-microbatch ``aux``, and with several
+    microbatches the whole-batch loss (``model(**batch).loss``) is farther from the
+    reference than the tolerance, so the check tells the two forms apart; with one microbatch
+    the reference is ``model(**batch).loss`` and the pipeline's ``aux`` transformers' own, bit
+    for bit."""
+    holder = last_stage_result(case_results(results, case.key))
+    facts, step = holder["router"], holder["steps"][0]
+    assert facts["loss"] - facts["off_loss"] > ROUTER_LOSS_FACTOR * case.loss_tolerance, facts
+    assert facts["gate_grad_effect"] > ROUTER_GRAD_FACTOR * case.grad_tolerance, facts
+    assert step["router_loss"] == pytest.approx(facts["mean_aux"], abs=1e-6)
+    if case.microbatches == 1:
+        assert facts["loss"] == facts["whole_batch_loss"]
+        assert step["router_loss"] == facts["whole_batch_aux"]
+    else:
+        gap = abs(facts["whole_batch_loss"] - facts["loss"])
+        assert gap > WHOLE_BATCH_FACTOR * case.loss_tolerance, facts
+
+
+API_CHECKS = [case for case in CASES if case.api_checks]
+
+
+@pytest.mark.parametrize("case", API_CHECKS, ids=_ids(API_CHECKS))
+def test_grad_clipping_and_evaluation_see_the_router_loss(
+    results: list[dict[str, Any]], case: Case
+) -> None:
+    """After the step: ``clip_grad_norm_`` gives the reference's gradient norm on every rank
+    (the router term's gradients included), and ``eval_step`` the reference's loss in eval
+    mode, router term per microbatch included, with ``last_router_loss`` its mean ``aux``."""
+    per_rank = case_results(results, case.key)
+    for rank, result in enumerate(per_rank):
+        record = result["steps"][0]
+        assert record["grad_norm"] == pytest.approx(record["ref_grad_norm"], rel=1e-6), rank
+    record = last_stage_result(per_rank)["steps"][0]
+    assert abs(record["eval_loss"] - record["ref_eval_loss"]) <= case.loss_tolerance, record
+    assert record["eval_router_loss"] == pytest.approx(record["router_loss"], abs=1e-6)
 
 
 # --- the batches hold what the cases claim ---------------------------------------------------

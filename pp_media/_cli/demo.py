@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import sys
@@ -74,6 +75,9 @@ class DemoPlan:
     save: str | None = None
     #: Data-parallel replicas, each a pipeline of ``pp_size`` ranks on its share of the batch.
     dp_size: int = 1
+    #: The family computes a router load-balancing loss: both runs add it, per microbatch
+    #: (``output_router_logits=True``), and the table shows it.
+    router_loss: bool = False
 
     @property
     def world_size(self) -> int:
@@ -203,6 +207,13 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
         torch.manual_seed(args.seed)
         model = _new_model(config)
         model.save_pretrained(checkpoint)
+    else:
+        from pp_media._hf.checkpoint import meta_skeleton
+
+        model = meta_skeleton(model_dir, None)
+    from pp_media._hf.router_pipeline import has_router_loss
+
+    router_loss = has_router_loss(adapter, model.get_submodule(adapter.text_model_path).layers)
     return DemoPlan(
         checkpoint=checkpoint,
         model_label=label,
@@ -221,12 +232,27 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
         videos=args.videos,
         save=None if save is None else str(Path(save).resolve()),
         dp_size=dp_size,
+        router_loss=router_loss,
     )
 
 
-def reference_losses(plan: DemoPlan) -> list[float]:
-    """The unsplit model, one process: ``model(**batch, labels=labels)`` per step."""
+@dataclass
+class ReferenceRun:
+    """The reference's loss per step; with the router loss, also its mean per-microbatch
+    ``aux`` and its whole-batch ``aux`` (mean over the replicas' shares under DP)."""
+
+    losses: list[float]
+    router_aux: list[float]
+    whole_batch_aux: list[float]
+
+
+def reference_losses(plan: DemoPlan) -> ReferenceRun:
+    """The unsplit model, one process: ``model(**batch, labels=labels)`` per step; for a family
+    with a router loss, transformers' formula applied per microbatch as the pipeline does
+    (``pp_media.testing.per_microbatch_router_loss``)."""
     from tqdm import tqdm
+
+    from pp_media.testing import per_microbatch_router_loss
 
     device = torch.device("cuda" if plan.device.startswith("cuda") else "cpu")
     torch.set_num_threads(_threads_per_process(plan))
@@ -237,24 +263,38 @@ def reference_losses(plan: DemoPlan) -> list[float]:
     )
     model.train()
     optimizer = _optimizer(model.parameters(), plan)
-    losses = []
+    run = ReferenceRun([], [], [])
     for step in tqdm(range(plan.steps), desc="reference", unit="step", file=sys.stderr):
         shares = [
             {k: v.to(device) for k, v in _batch(model.config, plan, step, replica).items()}
             for replica in range(plan.dp_size)
         ]
         tokens = [count_label_tokens(share["labels"]) for share in shares]
-        loss_sum = 0.0
+        loss_sum, aux, whole = 0.0, 0.0, 0.0
         for share, share_tokens in zip(shares, tokens, strict=True):
-            loss = model(**share).loss
-            if plan.dp_size > 1:  # mean over the global batch: weight by the share's tokens
-                loss = loss * (share_tokens / max(sum(tokens), 1))
+            weight = share_tokens / max(sum(tokens), 1)
+            if plan.router_loss:
+                router = per_microbatch_router_loss(model, share, plan.microbatches)
+                # Under DP the token loss is the global mean; each of the dp x M microbatches
+                # adds coef * aux / (dp x M).
+                loss = router.token_loss * weight + router.router_term / plan.dp_size
+                if plan.dp_size == 1:
+                    loss = router.loss
+                aux += router.mean_aux / plan.dp_size
+                whole += router.whole_batch_aux / plan.dp_size
+            else:
+                loss = model(**share).loss
+                if plan.dp_size > 1:  # mean over the global batch: weight by the share's tokens
+                    loss = loss * weight
             loss.backward()
             loss_sum += loss.item()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(loss_sum)
-    return losses
+        run.losses.append(loss_sum)
+        if plan.router_loss:
+            run.router_aux.append(aux)
+            run.whole_batch_aux.append(whole)
+    return run
 
 
 def pipeline_rank(plan: DemoPlan, out_dir: str | None) -> dict[str, Any]:
@@ -275,6 +315,7 @@ def pipeline_rank(plan: DemoPlan, out_dir: str | None) -> dict[str, Any]:
         "layers_per_stage": plan.layers_per_stage,
         "device": device,
         "dtype": _dtype(plan.dtype),
+        "output_router_logits": plan.router_loss or None,
     }
     if plan.dp_size > 1:
         options["dp_size"] = plan.dp_size
@@ -299,13 +340,15 @@ def pipeline_rank(plan: DemoPlan, out_dir: str | None) -> dict[str, Any]:
     steps = range(plan.steps)
     if pipe.has_last_stage and pipe.dp_rank == 0:
         steps = tqdm(steps, desc=f"pipeline ({plan.schedule})", unit="step", file=sys.stderr)
-    losses = []
+    losses, router_losses = [], []
     for step in steps:
         loss = pipe.step(_batch(pipe.config, plan, step, pipe.dp_rank))
         optimizer.step()
         optimizer.zero_grad()
         if loss is not None:
             losses.append(loss.item())
+        if pipe.last_router_loss is not None:
+            router_losses.append(pipe.last_router_loss.item())
     exported = _export(pipe, plan) if plan.save is not None else None
     result = {
         "rank": rank,
@@ -314,6 +357,7 @@ def pipeline_rank(plan: DemoPlan, out_dir: str | None) -> dict[str, Any]:
         "layers": [list(stage.layer_indices) for stage in pipe.stages],
         "parameter_bytes": sum(_local_bytes(p) for p in pipe.parameters()),
         "losses": losses if pipe.has_last_stage else None,
+        "router_losses": router_losses if pipe.has_last_stage else None,
         "export": exported,
         "costs": _costs_line(pipe.layout.costs),
     }
@@ -409,8 +453,10 @@ def _model_bytes(plan: DemoPlan) -> int:
     return sum(p.numel() * p.element_size() for p in skeleton.parameters())
 
 
-def report(plan: DemoPlan, reference: list[float], ranks: list[dict[str, Any]]) -> int:
-    """Print the per-rank split, the loss table and the verdict; the exit status."""
+def report(plan: DemoPlan, reference: ReferenceRun, ranks: list[dict[str, Any]]) -> int:
+    """Print the per-rank split, the loss table and the verdict; the exit status. With a
+    router loss the table adds the pipeline's router ``aux`` (the mean over its microbatches)
+    and the reference's whole-batch ``aux``, and a line their gap."""
     total = _model_bytes(plan)
     for result in sorted(ranks, key=lambda r: r["rank"]):
         layers = ", ".join(
@@ -427,15 +473,28 @@ def report(plan: DemoPlan, reference: list[float], ranks: list[dict[str, Any]]) 
     if costs:
         print(costs)
     pipelined = next(r["losses"] for r in ranks if r["losses"] is not None)
+    router = next(r["router_losses"] for r in ranks if r["losses"] is not None)
     print()
-    print(f"{'step':>4}  {'reference':>12}  {'pipelined':>12}  {'|difference|':>12}")
+    header = f"{'step':>4}  {'reference':>12}  {'pipelined':>12}  {'|difference|':>12}"
+    if plan.router_loss:
+        header += f"  {'router aux':>12}  {'batch aux':>12}"
+    print(header)
     worst = 0.0
-    for step, (ref, pipe) in enumerate(zip(reference, pipelined, strict=False)):
+    for step, (ref, pipe) in enumerate(zip(reference.losses, pipelined, strict=False)):
         difference = abs(ref - pipe)
         worst = max(worst, difference)
-        print(f"{step:>4}  {ref:>12.6f}  {pipe:>12.6f}  {difference:>12.3e}")
+        row = f"{step:>4}  {ref:>12.6f}  {pipe:>12.6f}  {difference:>12.3e}"
+        if plan.router_loss and step < len(router):
+            row += f"  {router[step]:>12.6f}  {reference.whole_batch_aux[step]:>12.6f}"
+        print(row)
     tolerance = TOLERANCE[plan.dtype]
-    verdict = "PASS" if worst <= tolerance and len(pipelined) == plan.steps else "FAIL"
+    complete = len(pipelined) == plan.steps
+    if plan.router_loss:
+        complete = complete and len(router) == plan.steps
+        router_worst = _report_router(plan, reference, router)
+        complete = complete and math.isfinite(router_worst)
+        worst = max(worst, router_worst)
+    verdict = "PASS" if complete and worst <= tolerance else "FAIL"
     print()
     print(
         f"{verdict}: {plan.model_label}, {plan.schedule}, {_verdict_ranks(plan)}, "
@@ -448,6 +507,24 @@ def report(plan: DemoPlan, reference: list[float], ranks: list[dict[str, Any]]) 
         exported = max(reports, key=lambda r: r["logits_diff"], default=None)
         passed = _report_export(plan, exported) == "PASS" and passed
     return 0 if passed else 1
+
+
+def _report_router(plan: DemoPlan, reference: ReferenceRun, router: list[float]) -> float:
+    """The router-loss line: the pipeline's mean per-microbatch ``aux`` against the whole-batch
+    ``aux`` (the form a pipeline cannot compute); returns the largest difference between the
+    pipeline's and the reference's per-microbatch ``aux``."""
+    gaps = [mine - whole for mine, whole in zip(router, reference.whole_batch_aux, strict=False)]
+    agree = [abs(a - b) for a, b in zip(router, reference.router_aux, strict=False)]
+    if not gaps:
+        return math.inf
+    print()
+    print(
+        f"router loss (aux, without the coefficient): the pipeline adds it per microbatch; "
+        f"its mean over the {plan.microbatches} microbatches minus the whole-batch aux: mean "
+        f"{sum(gaps) / len(gaps):+.3e}, largest {max(gaps, key=abs):+.3e} over {len(gaps)} "
+        f"steps; max |difference| from the reference's per-microbatch aux {max(agree):.3e}"
+    )
+    return math.nan if any(math.isnan(d) for d in agree) else max(agree)
 
 
 def _report_export(plan: DemoPlan, exported: dict[str, Any] | None) -> str:

@@ -31,7 +31,8 @@ from pp_media._hf.loss import TokenSumCrossEntropy
 from pp_media._hf.mesh import ParallelGroups, mesh_wide_group, resolve_groups
 from pp_media._hf.partition import StageLayout
 from pp_media._hf.pruning import prune_to_stage
-from pp_media._hf.stage_module import VLMStage
+from pp_media._hf.router_pipeline import resolve_router_loss, router_mask
+from pp_media._hf.stage_module import ROUTER_MASK, VLMStage
 from pp_media._hf.tied import TiedEmbeddingSync, unique_parameters
 from pp_media._keys import VLM_PP_MEDIA_KEY
 from pp_media._pipeline.step import step_with_media
@@ -109,6 +110,13 @@ class VLMPipeline:
         self._microbatch_shape: tuple[int, ...] | None = None
         self._groups = groups if groups is not None else ParallelGroups(dist.group.WORLD)
         self._agreement_group: dist.ProcessGroup | None = None
+        #: The router load-balancing loss this pipeline adds (``RouterLoss``); None: off.
+        self.router_loss = getattr(loss_fn, "router_loss", None)
+        #: After ``step`` / ``eval_step``, on the last stage's rank: the step's router loss
+        #: ``aux`` (without ``router_aux_loss_coef``), the mean over the step's microbatches
+        #: (over every replica's under data parallelism) of each microbatch's ``aux``; the
+        #: step's loss includes ``coef`` times it. None elsewhere and when the router loss is off.
+        self.last_router_loss: torch.Tensor | None = None
 
     @property
     def mesh(self) -> DeviceMesh | None:
@@ -179,6 +187,12 @@ class VLMPipeline:
     def prepare(self, batch: Mapping[str, Any]) -> StepInputs:
         """What ``step`` does before running the schedule; exposed for inspection."""
         inputs = prepare_step_inputs(batch, self.adapter, self.config, self.n_microbatches)
+        if self.router_loss is not None:
+            rows = router_mask(
+                inputs.kwargs, inputs.input_ids, batch["input_ids"].shape[0], self.n_microbatches
+            )
+            if rows is not None:
+                inputs.kwargs[ROUTER_MASK] = rows
         shape = (inputs.input_ids.shape[0] // self.n_microbatches, *inputs.input_ids.shape[1:])
         if self._microbatch_shape is None:
             self._microbatch_shape = shape
@@ -250,6 +264,8 @@ class VLMPipeline:
         """One schedule call over prepared inputs: the summed microbatch losses on the last
         stage's rank (over every replica under data parallelism), None elsewhere."""
         self.loss_fn.label_tokens = inputs.label_tokens
+        self.loss_fn.router_losses = []
+        self.last_router_loss = None
         losses: list[torch.Tensor] | None = [] if self.has_last_stage else None
         kwargs = {name: value.to(self.device) for name, value in inputs.kwargs.items()}
         moved = move_vlm_media_to_device({VLM_PP_MEDIA_KEY: inputs.media}, self.device)
@@ -267,7 +283,15 @@ class VLMPipeline:
         if losses is None:
             return None
         loss = torch.stack([loss.detach() for loss in losses]).sum()
-        return dp_wrapping.sum_over_dp(loss, self.dp_group)
+        if self.router_loss is None:
+            return dp_wrapping.sum_over_dp(loss, self.dp_group)
+        # The step's microbatches are the last calls: torch's first step also calls the loss
+        # once on the uninitialised outputs of its shape inference.
+        auxes = self.loss_fn.router_losses[-self.n_microbatches :]
+        aux = torch.stack(auxes).sum().to(loss.device)
+        total, aux = dp_wrapping.sum_over_dp(torch.stack([loss, aux]), self.dp_group)
+        self.last_router_loss = aux / self.loss_fn.n_terms
+        return total
 
     def clip_grad_norm_(
         self,
@@ -414,6 +438,7 @@ def build_vlm_pipeline(
     dtype: torch.dtype | str | None = None,
     activation_checkpointing: bool = False,
     sample_batch: Mapping[str, Any] | None = None,
+    output_router_logits: bool | None = None,
 ) -> VLMPipeline:
     """Split a Hugging Face ``*ForConditionalGeneration`` VLM into pipeline stages.
 
@@ -440,6 +465,13 @@ def build_vlm_pipeline(
     parameters on every dp rank, gradients all-reduced); ``mixed_precision="bf16"`` computes in
     bfloat16 with fp32 parameters and fp32 gradient reduction. Call on every rank of the mesh.
     A model instance's modules are reused by the stages (moved, and wrapped for DP).
+
+    Mixture-of-experts families with a router load-balancing loss add it as transformers does
+    when the text config's ``output_router_logits`` is true (``output_router_logits`` overrides
+    the config): per microbatch, ``router_aux_loss_coef * aux`` of that microbatch's tokens
+    divided by the number of microbatches (``pipe.last_router_loss`` holds the step's mean
+    ``aux``). With one microbatch that is exactly ``model(**batch).loss``; with more it is the
+    formula applied per microbatch, not over the whole batch (see the README).
     """
     dtype = resolve_dtype(dtype)
     if not dist.is_initialized():
@@ -479,6 +511,12 @@ def build_vlm_pipeline(
 
         check_schedule(layout.schedule_class)
     tied = _is_tied(source, adapter)
+    router_loss = resolve_router_loss(
+        adapter,
+        config,
+        source.get_submodule(adapter.text_model_path).layers,
+        output_router_logits,
+    )
 
     last = layout.n_stages - 1
     all_views = [
@@ -496,6 +534,7 @@ def build_vlm_pipeline(
             layout.n_stages,
             layout.layers[s],
             layout.first_layer(s),
+            router_loss=router_loss,
         )
         for s in local
     ]
@@ -530,7 +569,7 @@ def build_vlm_pipeline(
             global_ranks[layout.rank_of(0)],
             global_ranks[layout.rank_of(last)],
         )
-    loss_fn = TokenSumCrossEntropy()
+    loss_fn = TokenSumCrossEntropy(router_loss, n_microbatches * groups.dp_size)
     torch_schedule = _torch_schedule(layout, stages, group, target_device, n_microbatches, loss_fn)
     return VLMPipeline(
         stages,

@@ -46,14 +46,22 @@ def _shallow(module: nn.Module) -> nn.Module:
     return clone
 
 
-def _stage_text_config(config: Any, layers: Sequence[int]) -> Any:
-    """The text config as the stage's text model sees it: per-layer lists cut to its layers."""
-    view = copy.copy(config)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        view.layer_types = [layer_types[i] for i in layers]
-    view.num_hidden_layers = len(layers)
-    return view
+def _drop(root: nn.Module, model: nn.Module, path: str) -> None:
+    """Set the module at ``path`` to None in the view ``root`` of ``model``, shallow-copying
+    every container on the way that the view still shares with ``model``."""
+    *parents, name = path.split(".")
+    view, original = root, model
+    for part in parents:
+        child = view._modules.get(part)
+        if child is None:  # the whole subtree is already gone from this stage
+            return
+        original = original.get_submodule(part)
+        if child is original:
+            child = _shallow(child)
+            view._modules[part] = child
+        view = child
+    if name in view._modules:
+        view._modules[name] = None
 
 
 def _parent_and_name(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -70,8 +78,10 @@ def prune_to_stage(
 ) -> nn.Module:
     """A shallow view of ``model`` (a ``*ForConditionalGeneration``) holding one stage's parts.
 
-    Kept: the text model with ``layers`` (and its rotary embedding), plus on the first stage
-    the token embeddings and vision parts, and on the last the final norm and LM head. Any
+    Kept: the text model with ``layers`` (and its rotary embedding; its config as the
+    adapter's ``stage_config`` cuts it), plus on the first stage the token embeddings, the
+    vision parts and the adapter's ``stage0_only_paths``, and on the last the final norm and
+    LM head. Any
     other child along those paths is dropped; ``check_partition`` verifies that the stages
     together hold every parameter exactly once.
     """
@@ -79,7 +89,8 @@ def prune_to_stage(
     base_path = adapter.base_model_path
     base = _shallow(model.get_submodule(base_path))
     root._modules[base_path] = base
-    keep = {adapter.text_model_path, *(adapter.vision_paths if is_first else ())}
+    first_only = (*adapter.vision_paths, *adapter.stage0_only_paths)
+    keep = {adapter.text_model_path, *(first_only if is_first else ())}
     base._modules = {
         name: module for name, module in base._modules.items() if f"{base_path}.{name}" in keep
     }
@@ -90,11 +101,13 @@ def prune_to_stage(
     text_parent, text_name = _parent_and_name(root, adapter.text_model_path)
     text = _shallow(model.get_submodule(adapter.text_model_path))
     text_parent._modules[text_name] = text
-    text.config = _stage_text_config(text.config, layers)
+    text.config = adapter.stage_config(text.config, tuple(layers))
     all_layers = text.layers
     text._modules["layers"] = GlobalIndexModuleList((i, all_layers[i]) for i in layers)
     if not is_first:
         text._modules["embed_tokens"] = None
+        for path in adapter.stage0_only_paths:
+            _drop(root, model, path)
     if not is_last:
         text._modules["norm"] = nn.Identity()
     head_parent, head_name = _parent_and_name(root, adapter.head_path)

@@ -10,6 +10,7 @@ and pp_media's model side, not transformers: configs and processors load it when
 from __future__ import annotations
 
 from pp_media.testing import families as _families  # noqa: F401  (registers every fixture)
+from pp_media.testing._router_reference import RouterReference, per_microbatch_router_loss
 from pp_media.testing._stand_ins import FlatPatchLayout, MergedPatchLayout, Step3Layout
 from pp_media.testing._synthetic import (
     builds_videos,
@@ -39,12 +40,14 @@ __all__ = [
     "VOCAB",
     "FlatPatchLayout",
     "MergedPatchLayout",
+    "RouterReference",
     "Step3Layout",
     "TinyFamily",
     "builds_videos",
     "default_seq_len",
     "fixture_for",
     "image_processor",
+    "per_microbatch_router_loss",
     "synthetic_batch",
     "text_token_ids",
     "tiny_config",

@@ -14,6 +14,10 @@ from typing import Any
 
 import torch
 
+#: The single-process reference of a router-loss case (aux on, more than one microbatch):
+#: transformers' ``load_balancing_loss_func`` applied per microbatch on the unsplit model.
+from pp_media.testing import per_microbatch_router_loss  # noqa: F401
+
 #: The tied parameters of the transformers VLMs: the input embedding and the LM head.
 EMBED = "model.language_model.embed_tokens.weight"
 HEAD = "lm_head.weight"

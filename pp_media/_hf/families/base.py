@@ -7,6 +7,7 @@ the model into stages, the stage forward, loss, weight loading) is generic and l
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pp_media._hf.carry import Carry, deepstack_carries, position_ids_carry
 from pp_media._layouts import SEED_LAYOUT, MediaLayout
 
 
@@ -90,6 +92,9 @@ class FamilyAdapter:
     #: How the processor's media fields map to samples (``pp_media.MediaLayout``): the seed's
     #: layouts, or the family's own description when its processor names fields otherwise.
     media_layout: MediaLayout = SEED_LAYOUT
+    #: Paths, from the ``*ForConditionalGeneration`` root, of modules besides the vision parts
+    #: that only stage 0 runs (Gemma4's per-layer embeddings); later stages hold None there.
+    stage0_only_paths: tuple[str, ...] = ()
 
     def token_id(self, config: Any, kind: MediaKind) -> int:
         return int(getattr(config, kind.token_id_attr))
@@ -152,6 +157,61 @@ class FamilyAdapter:
         (the text model builds its causal masks), or masks built as the family's base model
         builds them (a dict per layer type), from ``stage_fields`` such as ``token_type_ids``."""
         return attention_mask
+
+    def carries(self, config: Any) -> tuple[Carry, ...]:
+        """What crosses stage boundaries besides the hidden states, in the order sent
+        (``pp_media._hf.carry``): position ids when ``sends_position_ids``, then the
+        deepstack mask and features when ``layer_feature_count`` is non-zero. The pipeline
+        appends ``router_stats`` when the router loss is on."""
+        text = config.get_text_config()
+        schema: list[Carry] = []
+        if self.sends_position_ids:
+            schema.append(position_ids_carry(self.position_ids_shape, text.num_hidden_layers))
+        schema += deepstack_carries(self.layer_feature_count(config), text.hidden_size)
+        return tuple(schema)
+
+    def position_ids_shape(self, config: Any, batch: int, seq: int) -> tuple[int, ...]:
+        """Shape of the position ids stage 0 sends, per microbatch (M-RoPE: ``[3, b, T]``)."""
+        return (3, batch, seq)
+
+    def first_stage_carries(
+        self,
+        stage: nn.Module,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        fields: Mapping[str, torch.Tensor],
+        media: Mapping[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Further carries stage 0 produces from its microbatch (``hidden``: the embeddings
+        with the media features in place); ``stage`` reaches the family's stage-0 modules by
+        path. Default none."""
+        return {}
+
+    def run_text_model(
+        self,
+        text_model: nn.Module,
+        carried: Mapping[str, torch.Tensor],
+        layers: tuple[int, ...],
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run a stage's text model (holding decoder ``layers``, global indices) on ``kwargs``
+        (``inputs_embeds``, ``attention_mask``, ``position_ids``, ...); the hidden states and
+        the carries those layers produce (from ``carried``: what the stage holds by name).
+        Default: the text model's own forward, producing none."""
+        return text_model(**kwargs).last_hidden_state, {}
+
+    def stage_config(self, config: Any, layers: tuple[int, ...]) -> Any:
+        """The text config as the text model of a stage holding decoder ``layers`` sees it.
+        Default: a copy with the per-layer lists (``layer_types``) cut to those layers and
+        ``num_hidden_layers`` their count, as the text model's forward indexes them by
+        position. A family whose layers read the full config by global index (Gemma4)
+        returns it unchanged."""
+        view = copy.copy(config)
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            view.layer_types = [layer_types[i] for i in layers]
+        view.num_hidden_layers = len(layers)
+        return view
 
     def router(self, layer: nn.Module) -> tuple[nn.Module, int] | None:
         """For one decoder layer, the module whose forward output transformers records as

@@ -94,6 +94,9 @@ class PaliGemmaAdapter(FamilyAdapter):
     ) -> torch.Tensor:
         return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) + 1
 
+    def position_ids_shape(self, config: Any, batch: int, seq: int) -> tuple[int, ...]:
+        return (1, seq)
+
     def layer_mask(
         self,
         config: Any,

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pp_media._hf.carry import Carry
 from pp_media._hf.families import qwen_vl
 from pp_media._hf.families.qwen_vl import Qwen3VLAdapter
 from pp_media._hf.families.registry import family
@@ -41,6 +42,14 @@ class Qwen3OmniThinkerAdapter(Qwen3VLAdapter):
     media_layout = OMNI_LAYOUT
     stage_fields = ()
 
+    def carries(self, config: Any) -> tuple[Carry, ...]:
+        """Qwen3-VL's carries, with float32 position ids: ``get_rope_index`` returns them so
+        (a video's time positions are seconds x ``position_id_per_seconds``, not always whole)."""
+        return tuple(
+            replace(carry, dtype=torch.float32) if carry.name == "position_ids" else carry
+            for carry in super().carries(config)
+        )
+
     def position_ids(
         self,
         base_model: nn.Module,
@@ -52,7 +61,7 @@ class Qwen3OmniThinkerAdapter(Qwen3VLAdapter):
         if attention_mask is None:
             # What the text model does itself when the unsplit model computes no positions.
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            return positions.view(1, 1, -1).expand(3, input_ids.shape[0], -1).contiguous()
+            return positions.view(1, 1, -1).expand(3, input_ids.shape[0], -1).float()
         position_ids, _ = base_model.get_rope_index(
             input_ids,
             image_grid_thw=media.get("image_grid_thw"),

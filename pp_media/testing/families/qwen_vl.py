@@ -177,3 +177,32 @@ class Glm4vFamily(QwenVLFamily):
             image_end_token_id=VISION_END,
             tie_word_embeddings=tie_word_embeddings,
         )
+
+
+@tiny_family
+class Qwen3VLMoeFamily(QwenVLFamily):
+    """Qwen3-VL-MoE: 4 routed experts, top-k 2, every decoder layer sparse; deepstack after
+    layers 0 and 1. ``router_aux_loss_coef`` 0.01 (10x the default) so that the router loss
+    is well above the parity tolerances; ``output_router_logits`` stays transformers' default
+    (off)."""
+
+    model_types = ("qwen3_vl_moe",)
+    video_frames_separately = True
+
+    def config(self, model_type: str, text: dict[str, Any], tie_word_embeddings: bool) -> Any:
+        import transformers
+
+        vision = {**_VISION_3, "deepstack_visual_indexes": [0, 1]}
+        rope = {**_MROPE, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+        text = {
+            **text,
+            "head_dim": 16,
+            "rope_parameters": rope,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "router_aux_loss_coef": 0.01,
+        }
+        return transformers.Qwen3VLMoeConfig(
+            text_config=text, vision_config=vision, **_tokens(tie_word_embeddings)
+        )
