@@ -637,7 +637,12 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
         for name in full
         if any(name == path or name.startswith(path + ".") for path in adapter.vision_paths)
     ]
-    deepstack = [name for name in vision if ".deepstack_merger_list." in name]
+    # Deepstack mergers: Qwen3-VL's ``deepstack_merger_list``, the Omni thinker's ``merger_list``.
+    deepstack = [
+        name
+        for name in vision
+        if ".deepstack_merger_list." in name or ".visual.merger_list." in name
+    ]
     result: dict[str, Any] = {
         "case": asdict(case),
         **describe_pipe(pipe, reference, config),

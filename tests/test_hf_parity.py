@@ -34,7 +34,11 @@ Step3p7's global views and local crops (both with MoE text models; their batches
 layout stand-ins ``FlatPatchLayout`` / ``Step3Layout``, as their processors need torchvision);
 LLaVA-NeXT and LLaVA-OneVision anyres crops (OneVision also with one ``[frames, C, H, W]`` row
 per video, and with a microbatch holding a sample of one image beside one of several, so its
-per-microbatch ``batch_num_images`` differs from the batch's).
+per-microbatch ``batch_num_images`` differs from the batch's). The MoE families Qwen3.5 MoE,
+GLM-4.5V, MiniMax-M3-VL (flat patches from the ``MergedPatchLayout`` stand-in, block-sparse
+attention layers) and the Qwen3-Omni thinker (M-RoPE from the token ids and grids, deepstack,
+videos with ``video_second_per_grid``): router loss off on 1F1B and Interleaved1F1B, and on
+(per-microbatch reference) on one of them each.
 
 What shows the checks can fail: a case that swaps the pixels of two equal-grid images of
 different samples in the pipeline's batch only must fail the parity check by orders of
@@ -70,6 +74,10 @@ Qwen3.5                                4.8e-7     1.7e-8
 Kimi-K2.5 (images, videos)             4.8e-7     1.9e-8
 Step3p7 (1F1B, GPipe)                  9.5e-7     3.5e-8
 LLaVA-NeXT, LLaVA-OneVision            4.8e-7     1.2e-7
+Qwen3.5 MoE (router loss off, on)      4.8e-7     2.2e-8
+GLM-4.5V (router loss off, on)         4.8e-7     2.6e-8
+MiniMax-M3-VL (router loss off, on)    4.8e-7     3.9e-8
+Qwen3-Omni thinker (off, on)           9.5e-7     4.5e-8
 =====================================  =========  =========  ==========  =====================
 
 Gradients are up to 1.3 in magnitude; the two copies of a tied embedding stay bit-for-bit

@@ -93,9 +93,9 @@ _UNMAPPED_CLASSES = {"qwen3_omni_moe_thinker": "Qwen3OmniMoeThinkerForConditiona
 
 
 def _model_factory(config: Any) -> Any:
-    """``from_config`` of the first class that builds ``config``: the image-text-to-text auto
-    class, the legacy vision-to-sequence auto class, the class of a model type no auto class
-    maps, then ``config.architectures[0]``."""
+    """``from_config`` of the first class that builds ``config``: the class of a model type no
+    auto class maps, the image-text-to-text auto class, the legacy vision-to-sequence auto
+    class, then ``config.architectures[0]``."""
     unmapped = _UNMAPPED_CLASSES.get(getattr(config, "model_type", None))
     if unmapped is not None:
         return getattr(transformers, unmapped)._from_config
