@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.core_model_loading import Chunk, WeightConverter
 
-import pp_media._hf.checkpoint as checkpoint
+import pp_media._hf.checkpoint_keys as checkpoint_keys
 from pp_media._hf.checkpoint import INDEX_FILE, SINGLE_FILE, load_stage_weights, meta_skeleton
 from pp_media._hf.families import adapter_for
 from pp_media._hf.partition import StageLayout, plan_stages
@@ -394,23 +394,63 @@ def test_persistent_buffer_is_loaded_by_its_renamed_key(
     assert torch.equal(stage.model.language_model.norm.scale, scale)
 
 
-def test_weight_converter_key_raises_not_implemented(
+def _with_converter(monkeypatch: pytest.MonkeyPatch, source: str, targets: list[str]) -> None:
+    """Add a ``Chunk`` converter to the conversion mapping stage-wise loading uses."""
+    real = checkpoint_keys.get_model_conversion_mapping
+    converter = WeightConverter(
+        source_patterns=[source], target_patterns=targets, operations=[Chunk(dim=0)]
+    )
+    monkeypatch.setattr(
+        checkpoint_keys, "get_model_conversion_mapping", lambda model: [*real(model), converter]
+    )
+
+
+def test_layer_local_converter_runs_on_the_stage_keys_only(
     ckpts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = checkpoint.get_model_conversion_mapping
-
-    def with_converter(model: PreTrainedModel) -> list[Any]:
-        converter = WeightConverter(
-            source_patterns=["mlp.gate_proj.weight"],
-            target_patterns=["mlp.gate_proj.weight"],
-            operations=[Chunk(dim=0)],
-        )
-        return [*real(model), converter]
-
-    monkeypatch.setattr(checkpoint, "get_model_conversion_mapping", with_converter)
+    _with_converter(monkeypatch, "mlp.gate_proj.weight", ["mlp.gate_proj.weight"])
     skeleton, _, stages = _rank_stages(ckpts["qwen"], "1F1B", 2, 1, load=False)
-    with pytest.raises(NotImplementedError, match=r"model\.layers\.2\.mlp\.gate_proj\.weight"):
-        load_stage_weights(stages, skeleton, ckpts["qwen"], CPU, None)
+    read = load_stage_weights(stages, skeleton, ckpts["qwen"], CPU, None)
+    assert "model.layers.2.mlp.gate_proj.weight" in read
+    assert all(
+        key.startswith(("model.layers.2.", "model.layers.3.", "model.norm.", "lm_head."))
+        for key in read
+    )
+    reference = _reference(ckpts["qwen"])
+    for tensor_name, tensor in _named_tensors(stages[0]):
+        assert torch.equal(tensor, reference[tensor_name]), tensor_name
+
+
+def test_converter_across_stages_raises_not_implemented(
+    ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    norms = ("model.layers.1.input_layernorm.weight", "model.layers.2.input_layernorm.weight")
+
+    def fuse(tensors: dict[str, torch.Tensor]) -> None:
+        tensors["model.fused_norms.weight"] = torch.cat([tensors.pop(key) for key in norms])
+
+    path = _rewrite(ckpts["qwen"], tmp_path / "fused", fuse)
+    targets = ["layers.1.input_layernorm.weight", "layers.2.input_layernorm.weight"]
+    _with_converter(monkeypatch, "fused_norms.weight", targets)
+    skeleton, _, stages = _rank_stages(path, "1F1B", 2, 1, load=False)  # layers 2, 3
+    expected = (
+        r"checkpoint key 'model\.fused_norms\.weight' .* goes through transformers' "
+        r"WeightConverter\(\['fused_norms\.weight'\] .* \[Chunk\(dim=0\)\]\), which makes "
+        r"model\.language_model\.layers\.2\.input_layernorm\.weight for these stages together "
+        r"with model\.language_model\.layers\.1\.input_layernorm\.weight of another stage.*"
+        r"Load the model with from_pretrained and pass the instance instead\."
+    )
+    with pytest.raises(NotImplementedError, match=expected):
+        load_stage_weights(stages, skeleton, path, CPU, None)
+    # ZBV puts layers 1 and 2 on rank 1: the converter runs there, on its key only.
+    skeleton, layout, stages = _rank_stages(path, "ZBVZeroBubble", 2, 1, load=False)
+    assert [layout.layers[s] for s in layout.stages_of(1)] == [(1,), (2,)]
+    read = load_stage_weights(stages, skeleton, path, CPU, None)
+    assert read.count("model.fused_norms.weight") == 1
+    reference = _reference(ckpts["qwen"])
+    for stage in stages:
+        for tensor_name, tensor in _named_tensors(stage):
+            assert torch.equal(tensor, reference[tensor_name]), tensor_name
 
 
 def test_buffer_init_weights_cannot_compute_raises(

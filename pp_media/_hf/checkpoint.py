@@ -6,8 +6,10 @@ stage split costs no memory. ``load_stage_weights`` then materialises the stages
 and buffers on the target device, reading only their tensors, and only from the safetensors
 files that hold them. Checkpoint keys (often legacy names, ``model.layers.0...`` or
 ``language_model.model...``) are mapped to the model's names by transformers' own conversion
-mapping, exactly as ``from_pretrained`` does; non-persistent buffers (rotary ``inv_freq``,
-position ids) are recomputed by the model's own ``_init_weights``, as ``from_pretrained`` does.
+mapping, exactly as ``from_pretrained`` does, and keys it converts (per-expert MoE keys fused,
+transposed, chunked) go through its own converters, one run per group of keys, on the stages'
+groups only (``checkpoint_keys``); non-persistent buffers (rotary ``inv_freq``, position ids)
+are recomputed by the model's own ``_init_weights``, as ``from_pretrained`` does.
 """
 
 from __future__ import annotations
@@ -25,14 +27,9 @@ import torch
 import transformers
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel, initialization
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import (
-    WeightConverter,
-    WeightRenaming,
-    build_glob_alternation,
-    dot_natural_key,
-    rename_source_key,
-)
+from transformers.core_model_loading import build_glob_alternation
+
+from pp_media._hf.checkpoint_keys import ConverterGroup, Source, model_sources
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -140,12 +137,14 @@ def meta_skeleton(path: Path, dtype: torch.dtype | None) -> PreTrainedModel:
 
 
 class _CheckpointFiles:
-    """Which safetensors file holds each key; opens a file on first use, once."""
+    """Which safetensors file holds each key; opens a file on first use, once; records every
+    key whose tensor it reads."""
 
     def __init__(self, path: Path, stack: ExitStack) -> None:
         self.path = path
         self._stack = stack
         self._handles: dict[str, Any] = {}
+        self.read: list[str] = []
         index = path / INDEX_FILE
         single = path / SINGLE_FILE
         if index.is_file():
@@ -177,38 +176,8 @@ class _CheckpointFiles:
         return tuple(self.open(self.file_of[key]).get_slice(key).get_shape())
 
     def tensor(self, key: str) -> torch.Tensor:
+        self.read.append(key)
         return self.open(self.file_of[key]).get_tensor(key)
-
-
-@dataclass
-class _Source:
-    """Where one model name comes from: a checkpoint key, or a converter we cannot run."""
-
-    key: str
-    converter: WeightConverter | None = None
-
-
-def _model_names(skeleton: PreTrainedModel, keys: Iterable[str]) -> dict[str, _Source]:
-    """Model name -> checkpoint key, renamed as ``convert_and_load_state_dict_in_model`` does."""
-    transforms = get_model_conversion_mapping(skeleton)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    by_pattern = {pattern: conv for conv in converters for pattern in conv.source_patterns}
-    prefix = skeleton.base_model_prefix
-    meta_state = skeleton.state_dict()
-    sources: dict[str, _Source] = {}
-    for key in sorted(keys, key=dot_natural_key):
-        renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
-        if renamed not in meta_state and key in meta_state:
-            renamed, pattern = rename_source_key(key, [], [], prefix, meta_state)
-        if pattern is None:
-            sources.setdefault(renamed, _Source(key))
-            continue
-        converter = by_pattern[pattern]
-        first_target = converter.target_patterns[0]
-        for target in converter.target_patterns:
-            sources.setdefault(renamed.replace(first_target, target), _Source(key, converter))
-    return sources
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,8 +298,9 @@ def _owners(stages: Sequence[nn.Module], skeleton: PreTrainedModel) -> dict[int,
 
 
 def _sentinel(like: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """An uninitialised-looking buffer: NaN (floats) or the minimum (integers)."""
-    if like.is_floating_point():
+    """An uninitialised-looking buffer: NaN (floats, complex: Llama4's rotary ``freqs_cis``)
+    or the minimum (integers)."""
+    if like.is_floating_point() or like.is_complex():
         return torch.full_like(like, math.nan, device=device)
     if like.dtype == torch.bool:
         return torch.zeros_like(like, device=device)
@@ -340,7 +310,7 @@ def _sentinel(like: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _still_sentinel(value: torch.Tensor) -> bool:
     if value.numel() == 0 or value.dtype == torch.bool:
         return False
-    if value.is_floating_point():
+    if value.is_floating_point() or value.is_complex():
         return bool(value.isnan().any())
     return bool((value == torch.iinfo(value.dtype).min).all())
 
@@ -370,81 +340,136 @@ def _recompute_buffers(
             )
 
 
+def _install(slot: _Slot, value: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
+    """``value`` on ``device`` in ``dtype`` as the slot's new Parameter or buffer."""
+    value = value.to(device=device, dtype=dtype)
+    if isinstance(slot.tensor, nn.Parameter):
+        value = nn.Parameter(value, requires_grad=slot.tensor.requires_grad)
+    value._is_hf_initialized = True  # type: ignore[attr-defined]
+    _replace(slot, value)
+
+
+def _check_local(
+    groups: Iterable[ConverterGroup], held: dict[str, _Slot], model_names: set[str], path: Path
+) -> None:
+    """Refuse a converter run that also makes another rank's tensors: reading its keys would
+    read that rank's weights (no converter in transformers' MoE mappings does this; each is
+    local to one decoder layer)."""
+    for group in groups:
+        others = [name for name in group.targets if name in model_names and name not in held]
+        if others:
+            mine = [name for name in group.targets if name in held]
+            raise NotImplementedError(
+                f"pp_media: checkpoint key {group.all_keys[0]!r} in {str(path)!r} goes through "
+                f"transformers' {group.describe()}, which makes {mine[0]} for these stages "
+                f"together with {others[0]} of another stage; stage-wise loading runs a "
+                "converter only when all it makes stays on one rank. Load the model with "
+                "from_pretrained and pass the instance instead."
+            )
+
+
+def _load_group(
+    group: ConverterGroup,
+    wanted: dict[str, _Slot],
+    files: _CheckpointFiles,
+    skeleton: PreTrainedModel,
+    device: torch.device,
+    target_dtype: Callable[[str, torch.Tensor], torch.dtype],
+    read_dtype: torch.dtype,
+) -> None:
+    """Run one converter group on its keys only, as ``from_pretrained`` does (sources read in
+    the first target's dtype, on the device unless the converter forces the CPU), and put the
+    tensors it makes into ``wanted`` (model name -> slot)."""
+    read_device = torch.device("cpu") if group.converter.force_cpu else device
+    made = group.run(
+        lambda key: files.tensor(key).to(device=read_device, dtype=read_dtype), skeleton
+    )
+    for name, slot in wanted.items():
+        value = made.get(name)
+        if value is None or tuple(value.shape) != tuple(slot.tensor.shape):
+            got = "nothing" if value is None else f"shape {list(value.shape)}"
+            raise ValueError(
+                f"pp_media: transformers' {group.describe()} made {got} for {name} from "
+                f"checkpoint keys {group.all_keys[:4]} of {str(files.path)!r}, but "
+                f"{slot.names[0]} has shape {list(slot.tensor.shape)}; the checkpoint does not "
+                "match its config.json."
+            )
+        _install(slot, value, device, target_dtype(slot.names[0], slot.tensor))
+
+
 def load_stage_weights(
     stages: Sequence[nn.Module],
     skeleton: PreTrainedModel,
     path: Path,
     device: torch.device,
     dtype: torch.dtype | None,
-) -> None:
+) -> list[str]:
     """Materialise the stages' meta parameters and buffers on ``device``, in place, from the
     checkpoint in ``path``, reading only their tensors and only the files holding them.
 
-    A parameter shared by several stages (a tied LM head and embedding on one rank) stays one
-    Parameter. Floating parameters are cast to ``dtype`` when given, else kept in the
-    skeleton's dtype (what ``from_pretrained`` gives). Non-persistent buffers are recomputed.
+    Keys that transformers converts (fused MoE experts from per-expert keys, transposed or
+    chunked tensors) are converted by transformers' own ``WeightConverter`` runs, grouped as
+    ``from_pretrained`` groups them, each run on its keys only; a run that would also make
+    another rank's tensors is refused. A parameter shared by several stages (a tied LM head
+    and embedding on one rank) stays one Parameter. Floating parameters are cast to ``dtype``
+    when given, else kept in the skeleton's dtype (what ``from_pretrained`` gives).
+    Non-persistent buffers are recomputed. Returns the checkpoint keys read, in order.
     """
     path = Path(path)
     device = torch.device(device)
+    model_names = {name for name, _ in skeleton.named_parameters(remove_duplicate=False)}
+    model_names.update(name for name, _ in skeleton.named_buffers(remove_duplicate=False))
     params = _collect(stages, "_parameters")
     buffers = _collect(stages, "_buffers")
     _add_skeleton_holders(skeleton, params, "_parameters")
     _add_skeleton_holders(skeleton, buffers, "_buffers")
+    held = {name: slot for slot in [*params.values(), *buffers.values()] for name in slot.names}
     tied: dict[str, str] = dict(getattr(skeleton, "all_tied_weights_keys", None) or {})
     target_dtype = _dtype_rule(skeleton, dtype)
 
     with ExitStack() as stack:
         files = _CheckpointFiles(path, stack)
-        sources = _model_names(skeleton, files.file_of)
+        sources = model_sources(skeleton, files.file_of)
 
-        def source_of(slot: _Slot) -> _Source | None:
+        def source_of(slot: _Slot) -> tuple[str, Source] | None:
             for name in _candidate_names(slot, tied):
                 if name in sources:
-                    return sources[name]
+                    return name, sources[name]
             return None
 
-        plan: list[tuple[_Slot, _Source]] = []
+        plan: list[tuple[_Slot, str]] = []
+        groups: dict[int, tuple[ConverterGroup, dict[str, _Slot]]] = {}
         missing: list[str] = []
         unfilled: list[_Slot] = []
-        for slot in params.values():
-            source = source_of(slot)
-            if source is None:
+        for slot in [*params.values(), *buffers.values()]:
+            found = source_of(slot) if slot.persistent else None
+            if found is None and isinstance(slot.tensor, nn.Parameter):
                 missing.append(slot.names[0])
-            else:
-                plan.append((slot, source))
-        for slot in buffers.values():
-            source = source_of(slot) if slot.persistent else None
-            if source is None:
+            elif found is None:
                 unfilled.append(slot)
+            elif isinstance(found[1], ConverterGroup):
+                groups.setdefault(id(found[1]), (found[1], {}))[1][found[0]] = slot
             else:
-                plan.append((slot, source))
+                plan.append((slot, found[1]))
         if missing:
             raise ValueError(
                 f"pp_media: the checkpoint {str(path)!r} lacks {len(missing)} tensor(s) these "
                 f"stages need, e.g. {sorted(missing)[:5]}; it does not match its config.json."
             )
-        for slot, source in plan:
-            if source.converter is not None:
-                raise NotImplementedError(
-                    f"pp_media: checkpoint key {source.key!r} (for {slot.names[0]}) needs "
-                    f"transformers' weight conversion {type(source.converter).__name__} with "
-                    f"{source.converter.operations}; stage-wise loading only renames keys. Load "
-                    "the model with from_pretrained and pass the instance instead."
-                )
-        for slot, source in sorted(plan, key=lambda item: files.file_of[item[1].key]):
-            shape = files.shape(source.key)
+        _check_local((group for group, _ in groups.values()), held, model_names, path)
+        for slot, key in sorted(plan, key=lambda item: files.file_of[item[1]]):
+            shape = files.shape(key)
             if shape != tuple(slot.tensor.shape):
                 raise ValueError(
-                    f"pp_media: checkpoint tensor {source.key!r} in {str(path)!r} has shape "
+                    f"pp_media: checkpoint tensor {key!r} in {str(path)!r} has shape "
                     f"{list(shape)}, but {slot.names[0]} has {list(slot.tensor.shape)}."
                 )
-            value = files.tensor(source.key).to(
-                device=device, dtype=target_dtype(slot.names[0], slot.tensor)
-            )
-            if isinstance(slot.tensor, nn.Parameter):
-                value = nn.Parameter(value, requires_grad=slot.tensor.requires_grad)
-            value._is_hf_initialized = True  # type: ignore[attr-defined]
-            _replace(slot, value)
+            _install(slot, files.tensor(key), device, target_dtype(slot.names[0], slot.tensor))
+        for group, wanted in groups.values():
+            first = held.get(group.name) or next(iter(wanted.values()))
+            read_dtype = target_dtype(group.name, first.tensor)
+            _load_group(group, wanted, files, skeleton, device, target_dtype, read_dtype)
+        read = list(files.read)
 
     for slot in unfilled:
         _replace(slot, _sentinel(slot.tensor, device))
@@ -462,3 +487,4 @@ def load_stage_weights(
                         f"pp_media: {kind} {name} is still on the meta device after loading "
                         f"{str(path)!r}; stage-wise loading missed it."
                     )
+    return read
