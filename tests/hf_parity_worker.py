@@ -279,6 +279,26 @@ CASES: tuple[Case, ...] = (
     Case("aria", "1F1B", claims=("several_images", "text_only_mb"), grad_tolerance=4e-6),
     # --- inkling_mm_model ---
     Case("inkling_mm_model", "Interleaved1F1B", claims=("several_images", "text_only_mb")),
+    # --- qwen3_5_moe ---
+    # Each MoE family: router loss off on 1F1B and Interleaved1F1B (model(**batch).loss), and on
+    # (the formula per microbatch) on one of them.
+    Case("qwen3_5_moe", "1F1B", claims=("text_only_mb",)),
+    Case("qwen3_5_moe", "Interleaved1F1B", batch="videos", claims=("image_and_video_in_a_sample",)),
+    Case("qwen3_5_moe", "Interleaved1F1B", aux="config", claims=("text_only_mb",)),
+    # --- glm4v_moe --- (images only, as GLM-4V)
+    # Aux on, Interleaved1F1B: stage 0 holds only the dense layer 0 (no router), routing uses
+    # random sigmoid biases while the loss counts the raw logits' softmax.
+    Case("glm4v_moe", "1F1B", claims=("several_images",)),
+    Case("glm4v_moe", "Interleaved1F1B", claims=("several_images", "text_only_mb")),
+    Case("glm4v_moe", "Interleaved1F1B", aux="override", claims=("several_images",)),
+    # --- minimax_m3_vl ---
+    Case("minimax_m3_vl", "1F1B", batch="videos", claims=("image_and_video_in_a_sample",)),
+    Case("minimax_m3_vl", "Interleaved1F1B", claims=("text_only_mb",)),
+    Case("minimax_m3_vl", "1F1B", aux="config", claims=("text_only_mb",)),
+    # --- qwen3_omni_moe_thinker ---
+    Case("qwen3_omni_moe_thinker", "1F1B", batch="videos", claims=("image_and_video_in_a_sample",)),
+    Case("qwen3_omni_moe_thinker", "Interleaved1F1B", claims=("text_only_mb",)),
+    Case("qwen3_omni_moe_thinker", "Interleaved1F1B", aux="config", batch="videos"),
 )
 
 
@@ -634,11 +654,10 @@ def pixel_mask_effect(reference: Any, batch: dict[str, torch.Tensor], ref_loss: 
 
 def new_model(config: Any) -> Any:
     """The case's random model, with the family fixture's ``make_checkable`` applied."""
-    import transformers
-
+    from pp_media._hf.checkpoint import _model_factory
     from pp_media.testing import fixture_for
 
-    model = transformers.AutoModelForImageTextToText.from_config(config)
+    model = _model_factory(config)(config)
     fixture_for(config.model_type).make_checkable(model, MODEL_SEED)
     return model
 
@@ -722,7 +741,12 @@ def run_case(rank: int, case: Case, workdir: str) -> dict[str, Any]:
         for name in full
         if any(name == path or name.startswith(path + ".") for path in adapter.vision_paths)
     ]
-    deepstack = [name for name in vision if ".deepstack_merger_list." in name]
+    # Deepstack mergers: Qwen3-VL's ``deepstack_merger_list``, the Omni thinker's ``merger_list``.
+    deepstack = [
+        name
+        for name in vision
+        if ".deepstack_merger_list." in name or ".visual.merger_list." in name
+    ]
     result: dict[str, Any] = {
         "case": asdict(case),
         **describe_pipe(pipe, reference, config),

@@ -44,7 +44,11 @@ layer's per-layer input and, where a reuse layer runs on a later stage than its 
 the shared keys and values cross with their gradients; 2 stages tied, the same with the MoE
 block on, and 4 stages of one layer from a checkpoint (keys and values passing through a stage
 that does not read them); each later stage receives exactly the carries its layers and the
-ones after it read.
+ones after it read. The MoE families Qwen3.5 MoE,
+GLM-4.5V, MiniMax-M3-VL (flat patches from the ``MergedPatchLayout`` stand-in, block-sparse
+attention layers) and the Qwen3-Omni thinker (M-RoPE from the token ids and grids, deepstack,
+videos with ``video_second_per_grid``): router loss off on 1F1B and Interleaved1F1B, and on
+(per-microbatch reference) on one of them each.
 
 What shows the checks can fail: a case that swaps the pixels of two equal-grid images of
 different samples in the pipeline's batch only must fail the parity check by orders of
@@ -99,6 +103,10 @@ Llama 4 (1F1B, Interleaved1F1B)        4.8e-7     2.6e-8                 referen
 Gemma4 (tied, MoE, 4 stages)           4.8e-7     1.5e-7
 Aria                                   4.8e-7     2.1e-6                 gradients up to 9.6
 Inkling                                4.8e-7     1.5e-8
+Qwen3.5 MoE (router loss off, on)      4.8e-7     2.2e-8
+GLM-4.5V (router loss off, on)         4.8e-7     2.6e-8
+MiniMax-M3-VL (router loss off, on)    4.8e-7     3.9e-8
+Qwen3-Omni thinker (off, on)           9.5e-7     4.5e-8
 =====================================  =========  =========  ==========  =====================
 
 ERNIE-4.5-VL routes vision tokens to its vision experts by ``moe_mm_token_type_ids``: without it
@@ -710,8 +718,9 @@ def _anyres_layout(batch: Batch, case: Case) -> None:
 
 
 def _flat_videos_layout(batch: Batch, case: Case) -> None:
-    """Qwen3-VL / Qwen3.5 / Kimi-K2.5 videos: ``t*h*w`` patch rows, several frames; each frame
-    its own placeholder run (Kimi-K2.5: pooled over time, one run of ``h*w/4`` per video)."""
+    """Qwen3-VL / Qwen3.5 (MoE) / MiniMax-M3-VL / Kimi-K2.5 videos: ``t*h*w`` patch rows,
+    several frames; each frame its own placeholder run (Kimi-K2.5: pooled over time, one run of
+    ``h*w/4`` per video)."""
     if case.batch != "videos":
         return
     grids, videos, shapes = batch["video_grid_thw"], batch["video_tokens"], batch["shapes"]
@@ -724,6 +733,19 @@ def _flat_videos_layout(batch: Batch, case: Case) -> None:
     else:
         assert sum(batch["video_runs"]) == sum(t for t, _, _ in grids), "a run per frame"
         assert [v for v in videos if v] == [t * h * w // 4 for t, h, w in grids]
+
+
+def _omni_layout(batch: Batch, case: Case) -> None:
+    """Qwen3-Omni thinker videos: ``t*h*w`` patch rows, several frames, one placeholder run of
+    ``t*h*w/4`` per video, and one ``video_second_per_grid`` each."""
+    if case.batch != "videos":
+        return
+    grids, shapes = batch["video_grid_thw"], batch["shapes"]
+    assert shapes["pixel_values_videos"][0] == sum(t * h * w for t, h, w in grids)
+    assert any(t > 1 for t, _, _ in grids), "a video of several frames"
+    assert sum(batch["video_runs"]) == len(grids), "one run per video"
+    assert [v for v in batch["video_tokens"] if v] == [t * h * w // 4 for t, h, w in grids]
+    assert shapes["video_second_per_grid"] == [len(grids)]
 
 
 def _kimi_layout(batch: Batch, case: Case) -> None:
@@ -849,6 +871,10 @@ LAYOUTS: dict[str, Callable[[Batch, Case], None]] = {
     "llava_onevision": _anyres_layout,
     "qwen3_vl": _flat_videos_layout,
     "qwen3_5": _flat_videos_layout,
+    "qwen3_5_moe": _flat_videos_layout,
+    "glm4v_moe": _glm4v_layout,
+    "minimax_m3_vl": _flat_videos_layout,
+    "qwen3_omni_moe_thinker": _omni_layout,
     "kimi_k25": _kimi_layout,
     "idefics3": _idefics3_layout,
     "smolvlm": _idefics3_layout,

@@ -102,6 +102,25 @@ def _batch(config: Any, plan: DemoPlan, step: int, replica: int = 0) -> dict[str
     )
 
 
+def _new_model(config: Any) -> Any:
+    """A random model of ``config``, built by the class stage-wise loading picks: the
+    image-text-to-text auto class, or the family's own class where no auto class maps it (the
+    Qwen3-Omni thinker)."""
+    from pp_media._hf.checkpoint import _model_factory
+
+    return _model_factory(config)(config)
+
+
+def _pretrained_class(path: str) -> Any:
+    """The class (auto or the family's own) whose ``from_pretrained`` loads the checkpoint
+    directory ``path``: the one bound to ``_new_model``'s factory."""
+    import transformers
+
+    from pp_media._hf.checkpoint import _model_factory
+
+    return _model_factory(transformers.AutoConfig.from_pretrained(path)).__self__
+
+
 def _optimizer(params: Any, plan: DemoPlan) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=plan.lr, weight_decay=0.0)
 
@@ -187,9 +206,7 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
         raise DemoError(f"--save {save!r} is a file; give a directory to export the model to")
     if not model_dir.is_dir():
         torch.manual_seed(args.seed)
-        import transformers
-
-        model = transformers.AutoModelForImageTextToText.from_config(config)
+        model = _new_model(config)
         model.save_pretrained(checkpoint)
     else:
         from pp_media._hf.checkpoint import meta_skeleton
@@ -235,16 +252,17 @@ def reference_losses(plan: DemoPlan) -> ReferenceRun:
     fixture's ``reference_loss``: Llama 4's is computed from its parts, its forward fails); for
     a family with a router loss, transformers' formula applied per microbatch as the pipeline
     does (``pp_media.testing.per_microbatch_router_loss``)."""
-    import transformers
     from tqdm import tqdm
 
     from pp_media.testing import per_microbatch_router_loss, reference_loss
 
     device = torch.device("cuda" if plan.device.startswith("cuda") else "cpu")
     torch.set_num_threads(_threads_per_process(plan))
-    model = transformers.AutoModelForImageTextToText.from_pretrained(
-        plan.checkpoint, dtype=_dtype(plan.dtype)
-    ).to(device)
+    model = (
+        _pretrained_class(plan.checkpoint)
+        .from_pretrained(plan.checkpoint, dtype=_dtype(plan.dtype))
+        .to(device)
+    )
     model.train()
     optimizer = _optimizer(model.parameters(), plan)
     run = ReferenceRun([], [], [])
@@ -312,11 +330,10 @@ def pipeline_rank(plan: DemoPlan, out_dir: str | None) -> dict[str, Any]:
     except NotImplementedError as error:
         # Checkpoints whose tensors need transformers' weight converters (merged or permuted
         # on load) cannot be read stage by stage yet: load the whole model on this rank.
-        import transformers
 
         if rank == 0:
             print(f"note: {str(error).removeprefix('pp_media: ')}", file=sys.stderr)
-        model = transformers.AutoModelForImageTextToText.from_pretrained(
+        model = _pretrained_class(plan.checkpoint).from_pretrained(
             plan.checkpoint, dtype=_dtype(plan.dtype)
         )
         pipe = build_vlm_pipeline(model, **options)
@@ -355,7 +372,6 @@ def _export(pipe: Any, plan: DemoPlan) -> dict[str, Any] | None:
     """``pipe.save_pretrained(plan.save)``, then, on each replica's last-stage rank, the logits
     of the model transformers reloads from there against the pipeline's on a batch not trained
     on (the replica's share of one more step)."""
-    import transformers
 
     from pp_media._hf.forward import forward_logits
 
@@ -365,9 +381,11 @@ def _export(pipe: Any, plan: DemoPlan) -> dict[str, Any] | None:
     logits = forward_logits(pipe, batch)
     if logits is None:
         return None
-    model = transformers.AutoModelForImageTextToText.from_pretrained(
-        plan.save, dtype=_dtype(plan.dtype)
-    ).to(pipe.device)
+    model = (
+        _pretrained_class(plan.save)
+        .from_pretrained(plan.save, dtype=_dtype(plan.dtype))
+        .to(pipe.device)
+    )
     model.eval()
     with torch.no_grad():
         reloaded = model(**{k: v.to(pipe.device) for k, v in batch.items()}).logits

@@ -85,9 +85,17 @@ def _checkpoint_dtype(path: Path) -> torch.dtype:
     return next((found for found in dtypes if found is not None), torch.float32)
 
 
+#: Model types whose class no auto class maps, by class name (the omni thinker).
+_UNMAPPED_CLASSES = {"qwen3_omni_moe_thinker": "Qwen3OmniMoeThinkerForConditionalGeneration"}
+
+
 def _model_factory(config: Any) -> Any:
-    """``from_config`` of the first class that builds ``config``: the image-text-to-text auto
-    class, the legacy vision-to-sequence auto class, then ``config.architectures[0]``."""
+    """``from_config`` of the first class that builds ``config``: the class of a model type no
+    auto class maps, the image-text-to-text auto class, the legacy vision-to-sequence auto
+    class, then ``config.architectures[0]``."""
+    unmapped = _UNMAPPED_CLASSES.get(getattr(config, "model_type", None))
+    if unmapped is not None:
+        return getattr(transformers, unmapped)._from_config
     for auto_name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq"):
         auto_cls = getattr(transformers, auto_name, None)
         mapping = getattr(auto_cls, "_model_mapping", None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pp_media.testing import families as _families  # noqa: F401  (registers every fixture)
 from pp_media.testing._router_reference import RouterReference, per_microbatch_router_loss
-from pp_media.testing._stand_ins import FlatPatchLayout, Step3Layout
+from pp_media.testing._stand_ins import FlatPatchLayout, MergedPatchLayout, Step3Layout
 from pp_media.testing._synthetic import (
     builds_videos,
     default_seq_len,
@@ -41,6 +41,7 @@ __all__ = [
     "VISION_START",
     "VOCAB",
     "FlatPatchLayout",
+    "MergedPatchLayout",
     "RouterReference",
     "Step3Layout",
     "TinyFamily",

@@ -127,3 +127,36 @@ class InklingPatchLayout:
             "pixel_values": pixels.permute(0, 4, 2, 3, 1).contiguous(),
             "num_patches": torch.tensor([len(patches) for patches in per_image]),
         }
+
+
+class MergedPatchLayout:
+    """Stand-in for a Qwen-VL-style image processor that needs torchvision (MiniMax-M3-VL's):
+    ``pixel_values [sum(h*w), C * temporal_patch * patch**2]`` (each image repeated over the
+    temporal patch, patches ordered merge window by merge window, row by row, scaled to
+    [-1, 1]) and ``image_grid_thw`` rows ``[1, h, w]`` in patches. Images are cropped to a
+    whole number of merge windows instead of resized: only the layout is the processor's."""
+
+    def __init__(self, patch_size: int, merge_size: int, temporal_patch_size: int) -> None:
+        self.patch_size = patch_size
+        self.merge_size = merge_size
+        self.temporal_patch_size = temporal_patch_size
+
+    def _patches(self, image: Any) -> tuple[Any, list[int]]:
+        patch, merge = self.patch_size, self.merge_size
+        window = patch * merge
+        height, width = image.height // window * window, image.width // window * window
+        array = _rgb_values(image).view(image.height, image.width, 3)[:height, :width] / 127.5 - 1
+        rows, cols = height // patch, width // patch
+        # [C, rows/m, m, p, cols/m, m, p] -> [rows/m, cols/m, m, m, C, p, p]
+        tiles = array.permute(2, 0, 1).reshape(
+            3, rows // merge, merge, patch, cols // merge, merge, patch
+        )
+        tiles = tiles.permute(1, 4, 2, 5, 0, 3, 6).unsqueeze(5)
+        frames = tiles.expand(-1, -1, -1, -1, -1, self.temporal_patch_size, -1, -1)
+        return frames.reshape(rows * cols, -1), [1, rows, cols]
+
+    def __call__(self, images: list[Any], return_tensors: str = "pt") -> dict[str, Any]:
+        import torch
+
+        pixels, grids = zip(*(self._patches(image) for image in images), strict=True)
+        return {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids)}
