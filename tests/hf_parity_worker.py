@@ -824,3 +824,20 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     quiet_transformers()
     runs = ((case.key, partial(run_case, rank, case, out_dir)) for case in CASES)
     run_cases_on_rank(rank, port, out_dir, runs, world_size=WORLD_SIZE)
+
+
+#: Cases on 3 ranks (3 pipeline stages, one per rank): Gemma4 with layers 0 / 1-2 / 3, so the
+#: per-layer inputs of layers 1-3 leave stage 0, both layer types' keys and values cross the
+#: first boundary and the sliding type's (stored by layer 0, reused by layer 2) crosses only it,
+#: while the full type's (stored by layer 1, reused by layer 3) crosses the second too.
+THREE_RANK_CASES = [
+    Case("gemma4", "1F1B", layers_per_stage=(1, 2, 1), claims=("kv_crosses_stages",)),
+]
+THREE_RANKS = 3
+
+
+def worker_three_ranks(rank: int, port: int, out_dir: str) -> None:
+    """Entry point of one rank of the 3-rank run."""
+    quiet_transformers()
+    runs = ((case.key, partial(run_case, rank, case, out_dir)) for case in THREE_RANK_CASES)
+    run_cases_on_rank(rank, port, out_dir, runs, world_size=THREE_RANKS)

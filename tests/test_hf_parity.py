@@ -101,6 +101,7 @@ ERNIE-4.5-VL MoE (tied, interleaved)   1.4e-6     5.4e-8     1.2e-7      2 SGD s
 ERNIE-4.5-VL MoE, router loss on       9.5e-7     3.0e-8                 per-microbatch ref.
 Llama 4 (1F1B, Interleaved1F1B)        4.8e-7     2.6e-8                 reference from parts
 Gemma4 (tied, MoE, 4 stages)           4.8e-7     1.5e-7
+Gemma4, 3 ranks (layers 0 / 1-2 / 3)   4.8e-7     1.5e-7
 Aria                                   4.8e-7     2.1e-6                 gradients up to 9.6
 Inkling                                4.8e-7     1.5e-8
 Qwen3.5 MoE (router loss off, on)      4.8e-7     2.2e-8
@@ -600,7 +601,10 @@ def test_each_gemma4_stage_receives_its_per_layer_inputs_and_the_shared_keys_and
     every layer from c on and, per layer type whose store layer runs before c and whose reuse
     layers run from c on, its keys and values (two tensors); the per-layer input embedding and
     projection live on stage 0's rank only."""
-    per_rank = case_results(results, case.key)
+    _check_gemma4_carries(case_results(results, case.key))
+
+
+def _check_gemma4_carries(per_rank: list[dict[str, Any]]) -> None:
     routes = _gemma4_kv_routes(per_rank[0])
     n_layers = per_rank[0]["n_layers"]
     received = 0
@@ -949,3 +953,43 @@ def test_measured_maxima(results: list[dict[str, Any]], capsys: pytest.CaptureFi
     lines.append(f"{'all cases, one rank':52s} {total:.1f} s")
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+# --- Gemma4 on 3 ranks: 3 stages, one per rank -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Run ``THREE_RANK_CASES`` on 3 ranks once; per rank, {case key: result}."""
+    return spawn_ranks(
+        worker_module.worker_three_ranks,
+        tmp_path_factory.mktemp("hf_parity_3"),
+        world_size=worker_module.THREE_RANKS,
+        timeout_s=TIMEOUT_S,
+        what="the 3-rank parity run",
+    )
+
+
+@pytest.mark.parametrize(
+    "case", worker_module.THREE_RANK_CASES, ids=_ids(worker_module.THREE_RANK_CASES)
+)
+def test_three_stages_match_the_unsplit_model(
+    three_rank_results: list[dict[str, Any]], case: Case
+) -> None:
+    """Loss and every gradient as on 2 ranks; each stage holds its layers, receives exactly the
+    carries its layers and later ones read, and the batch holds what the case claims."""
+    per_rank = case_results(three_rank_results, case.key)
+    assert [sorted(r["stage_layers"].values()) for r in per_rank] == [[[0]], [[1, 2]], [[3]]]
+    for step, error in enumerate(loss_errors(per_rank)):
+        assert error <= case.loss_tolerance, f"step {step}: |loss - reference| = {error:.3e}"
+    for rank, result in enumerate(per_rank):
+        for record in result["steps"]:
+            assert record["compared"] == len(result["names"]) > 0
+            assert record["grad_err"] <= case.grad_tolerance, (
+                f"rank {rank}: max |grad - reference| = {record['grad_err']:.3e} at "
+                f"{record['grad_worst']}"
+            )
+            assert not record["missing_grads"] and not record["grad_none"]
+    _check_gemma4_carries(per_rank)
+    for claim in case.claims:
+        CLAIMS[claim](per_rank[0]["batch"], case, per_rank)
