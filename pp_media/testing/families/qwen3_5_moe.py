@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from pp_media.testing._moe import EXPERT_WIDTH, EXPERTS, ROUTER_AUX_LOSS_COEF, TOP_K
-from pp_media.testing._tiny import alternating, tiny_family
-from pp_media.testing.families.qwen_vl import _MROPE, _VISION_3, Qwen3_5Family, _tokens
+from pp_media.testing._tiny import tiny_family
+from pp_media.testing.families.qwen_vl import _VISION_3, Qwen3_5Family, _tokens
 
 
 @tiny_family
@@ -17,22 +17,8 @@ class Qwen3_5MoeFamily(Qwen3_5Family):
     def config(self, model_type: str, text: dict[str, Any], tie_word_embeddings: bool) -> Any:
         import transformers
 
-        rope = {
-            **_MROPE,
-            "partial_rotary_factor": 0.5,
-            "mrope_section": [1, 1, 2],
-            "mrope_interleaved": True,
-        }
-        layer_types = alternating("linear_attention", "full_attention", text["num_hidden_layers"])
         text = {
-            **text,
-            "head_dim": 16,
-            "layer_types": layer_types,
-            "linear_key_head_dim": 8,
-            "linear_value_head_dim": 8,
-            "linear_num_key_heads": 2,
-            "linear_num_value_heads": 4,
-            "rope_parameters": rope,
+            **self.text_config(text),
             "num_experts": EXPERTS,
             "num_experts_per_tok": TOP_K,
             "moe_intermediate_size": EXPERT_WIDTH,

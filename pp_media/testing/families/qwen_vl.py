@@ -119,9 +119,8 @@ class Qwen3_5Family(QwenVLFamily):
     model_types = ("qwen3_5",)
     video_frames_separately = True
 
-    def config(self, model_type: str, text: dict[str, Any], tie_word_embeddings: bool) -> Any:
-        import transformers
-
+    def text_config(self, text: dict[str, Any]) -> dict[str, Any]:
+        """The tiny text config: linear / full attention alternating, interleaved M-RoPE."""
         rope = {
             **_MROPE,
             "partial_rotary_factor": 0.5,
@@ -129,7 +128,7 @@ class Qwen3_5Family(QwenVLFamily):
             "mrope_interleaved": True,
         }
         layer_types = alternating("linear_attention", "full_attention", text["num_hidden_layers"])
-        text = {
+        return {
             **text,
             "head_dim": 16,
             "layer_types": layer_types,
@@ -139,8 +138,14 @@ class Qwen3_5Family(QwenVLFamily):
             "linear_num_value_heads": 4,
             "rope_parameters": rope,
         }
+
+    def config(self, model_type: str, text: dict[str, Any], tie_word_embeddings: bool) -> Any:
+        import transformers
+
         return transformers.Qwen3_5Config(
-            text_config=text, vision_config=_VISION_3, **_tokens(tie_word_embeddings)
+            text_config=self.text_config(text),
+            vision_config=_VISION_3,
+            **_tokens(tie_word_embeddings),
         )
 
 
