@@ -18,7 +18,7 @@ class Qwen3_5MoeFamily(Qwen3_5Family):
         import transformers
 
         text = {
-            **self.text_config(text),
+            **self.hybrid_text_config(text),
             "num_experts": EXPERTS,
             "num_experts_per_tok": TOP_K,
             "moe_intermediate_size": EXPERT_WIDTH,

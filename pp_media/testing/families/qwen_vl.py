@@ -119,7 +119,7 @@ class Qwen3_5Family(QwenVLFamily):
     model_types = ("qwen3_5",)
     video_frames_separately = True
 
-    def text_config(self, text: dict[str, Any]) -> dict[str, Any]:
+    def hybrid_text_config(self, text: dict[str, Any]) -> dict[str, Any]:
         """The tiny text config: linear / full attention alternating, interleaved M-RoPE."""
         rope = {
             **_MROPE,
@@ -143,7 +143,7 @@ class Qwen3_5Family(QwenVLFamily):
         import transformers
 
         return transformers.Qwen3_5Config(
-            text_config=self.text_config(text),
+            text_config=self.hybrid_text_config(text),
             vision_config=_VISION_3,
             **_tokens(tie_word_embeddings),
         )
