@@ -28,8 +28,9 @@ gives transformers' value bit for bit.
 What a pipeline cannot give is the *whole-batch* value: that needs every microbatch's counts
 before any backward. Per microbatch the formula sees only that microbatch's rows; the pipeline
 loss adds ``coef * aux(microbatch) / n_microbatches`` per microbatch (``aux_loss``'s
-``n_microbatches``) so that the step's sum keeps the unsplit model's scale and equals
-``model(**batch).loss`` exactly when there is one microbatch.
+``n_microbatches``) so that the step's sum keeps the unsplit model's scale; with one
+microbatch the aux term is transformers' bit for bit and the loss ``model(**batch).loss`` up
+to the token cross-entropy's summation order (one ulp measured).
 
 Family quirks this keeps: glm4v_moe, minimax_m3_vl and inkling route with ``sigmoid(logits) +
 e_score_correction_bias`` (glm4v_moe also group-limited), and ernie4_5_vl_moe adds its
