@@ -13,19 +13,7 @@ from pp_media.testing._moe import (
     perturb_routing_biases,
 )
 from pp_media.testing._tiny import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, tiny_family
-from pp_media.testing.families.qwen_vl import _MROPE, Glm4vFamily
-
-_VISION = {
-    "depth": 2,
-    "hidden_size": 32,
-    "num_heads": 2,
-    "out_hidden_size": 64,
-    "intermediate_size": 64,
-    "image_size": 56,
-    "patch_size": 14,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-}
+from pp_media.testing.families.qwen_vl import _MROPE, GLM4V_VISION, Glm4vFamily
 
 
 @tiny_family
@@ -52,7 +40,7 @@ class Glm4vMoeFamily(Glm4vFamily):
         }
         return transformers.Glm4vMoeConfig(
             text_config=text,
-            vision_config=_VISION,
+            vision_config=GLM4V_VISION,
             image_token_id=IMAGE_TOKEN,
             video_token_id=VIDEO_TOKEN,
             image_start_token_id=VISION_START,

@@ -36,6 +36,18 @@ _VISION_3 = {
     "num_position_embeddings": 64,
 }
 _MROPE = {"rope_type": "default", "rope_theta": 10000.0}
+#: GLM-4V and GLM-4.5V: a 2-layer vision tower of width 32, 14-pixel patches.
+GLM4V_VISION = {
+    "depth": 2,
+    "hidden_size": 32,
+    "num_heads": 2,
+    "out_hidden_size": 64,
+    "intermediate_size": 64,
+    "image_size": 56,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
 
 
 def _tokens(tie_word_embeddings: bool) -> dict[str, Any]:
@@ -162,20 +174,9 @@ class Glm4vFamily(QwenVLFamily):
         import transformers
 
         rope = {**_MROPE, "mrope_section": [1, 1, 2], "partial_rotary_factor": 0.5}
-        vision = {
-            "depth": 2,
-            "hidden_size": 32,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "intermediate_size": 64,
-            "image_size": 56,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        }
         return transformers.Glm4vConfig(
             text_config={**text, "rope_parameters": rope},
-            vision_config=vision,
+            vision_config=GLM4V_VISION,
             image_token_id=IMAGE_TOKEN,
             video_token_id=VIDEO_TOKEN,
             image_start_token_id=VISION_START,
