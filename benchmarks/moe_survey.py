@@ -1,5 +1,5 @@
 """Measure the MoE family survey (docs/moe_survey.md): per family, whether its tiny random model
-(tests/moe_survey_configs.py) runs forward and backward with labels and router logits on CPU,
+(pp_media/testing/_moe_survey.py) runs forward and backward with labels and router logits on CPU,
 how long that takes (median over interleaved rounds), and, for the families whose loss adds the
 router aux loss, how far the per-microbatch form is from the whole-batch one.
 
@@ -24,34 +24,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pp_media._hf.router_loss import RouterLoss, recording_router_logits
-from tests import moe_survey_configs as moe
-
-
-def _llama4_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
-    """Llama4ForConditionalGeneration.forward fails in transformers 5.24 (it reads
-    ``image_outputs`` from the language model's output); this is its own computation up to
-    that line: image features, projector, placeholder scatter, language model with labels."""
-    ids = batch["input_ids"]
-    embeds = model.get_input_embeddings()(ids)
-    features = model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
-    flat = features.last_hidden_state.reshape(-1, features.last_hidden_state.shape[-1])
-    projected = model.multi_modal_projector(flat)
-    mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-    embeds = embeds.masked_scatter(mask, projected)
-    out = model.language_model(
-        inputs_embeds=embeds,
-        attention_mask=batch["attention_mask"],
-        labels=batch["labels"],
-        output_router_logits=True,
-    )
-    return out.loss
+from pp_media.testing import _moe_survey as moe
+from pp_media.testing import reference_loss
 
 
 def _step(model_type: str, model: Any, batch: dict[str, Any]) -> float:
     model.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    if model_type == "llama4":
-        loss = _llama4_loss(model, batch)
+    if model_type == "llama4":  # its forward fails in transformers 5.24: its own computation
+        loss = reference_loss(model, batch)
     else:
         loss = model(**batch, output_router_logits=True).loss
     loss.backward()
@@ -82,15 +63,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     models, batches, notes = {}, {}, {}
-    for model_type in moe.BUILDERS:
+    for model_type in moe.MODEL_TYPES:
         try:
             models[model_type] = moe.tiny_model(model_type)
         except Exception as error:
             notes[model_type] = f"build: {type(error).__name__}: {error}"
             continue
-        batches[model_type] = moe.tiny_batch(
-            model_type, models[model_type].config, pad=(0, 3, 0, 5)
-        )
+        batches[model_type] = moe.tiny_batch(models[model_type].config)
         if model_type == "llama4":
             notes[model_type] = _top_forward_error(models[model_type], batches[model_type])
 
@@ -99,14 +78,17 @@ def main() -> None:
         for model_type, model in models.items():
             times[model_type].append(_step(model_type, model, batches[model_type]))
 
-    print(f"torch threads {args.threads}, {args.rounds} rounds, batch of 4 samples x 24 tokens")
-    print("| family | params | fwd+bwd ms (median) | router layers | note |")
-    print("|---|---|---|---|---|")
+    rounds = f"torch threads {args.threads}, {args.rounds} rounds"
+    print(f"{rounds}, synthetic batches of {moe.BATCH_SIZE} samples padded to the seq len")
+    print("| family | params | seq len | fwd+bwd ms (median) | router layers | note |")
+    print("|---|---|---|---|---|---|")
     for model_type, model in models.items():
         params = sum(p.numel() for p in model.parameters())
+        tokens = batches[model_type]["input_ids"].shape[1]
         layers = len(moe.routers(model, model_type)[0])
         ms = 1000 * statistics.median(times[model_type][1:])
-        print(f"| {model_type} | {params} | {ms:.1f} | {layers} | {notes.get(model_type, '')} |")
+        note = notes.get(model_type, "")
+        print(f"| {model_type} | {params} | {tokens} | {ms:.1f} | {layers} | {note} |")
 
     print()
     print("Per-microbatch router aux (mean over microbatches) vs whole batch, same padded batch:")
@@ -118,7 +100,7 @@ def main() -> None:
         whole = _aux(model, model_type, batch, spec).item()
         row = [model_type, f"{whole:.6f}"]
         for n in (2, 4):
-            chunks = moe.microbatches(model_type, batch, n)
+            chunks = moe.microbatches(model.config, batch, n)
             mean = sum(_aux(model, model_type, c, spec).item() for c in chunks) / n
             row += [f"{mean:.6f}", f"{mean - whole:+.2e}"]
         print("| " + " | ".join(row) + " |")

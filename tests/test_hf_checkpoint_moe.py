@@ -2,7 +2,7 @@
 weight converters (fused experts from per-expert keys, transposes, chunks, Ernie's
 fuse-and-split, Inkling's interleave) on its own layers' checkpoint keys only.
 
-Each tiny model (``tests/moe_survey_configs.py``) is saved with ``save_pretrained`` (which
+Each tiny model (``pp_media/testing/_moe_survey.py``) is saved with ``save_pretrained`` (which
 writes the legacy per-expert or transposed layout through the reverse conversions) and loaded
 back stage by stage for a 2-stage split, each stage on a fresh meta skeleton as a rank does.
 The stages are pruned by the generic ``prune_to_stage`` with a test-local adapter holding the
@@ -27,7 +27,7 @@ from transformers.core_model_loading import revert_weight_conversion
 from pp_media._hf.checkpoint import SINGLE_FILE, load_stage_weights, meta_skeleton
 from pp_media._hf.families.base import FamilyAdapter
 from pp_media._hf.pruning import prune_to_stage
-from tests import moe_survey_configs as moe
+from pp_media.testing import _moe_survey as moe
 
 CPU = torch.device("cpu")
 STAGE_LAYERS = ((0, 1), (2, 3))

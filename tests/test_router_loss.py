@@ -1,6 +1,6 @@
 """The router load-balancing loss accumulated stage by stage equals transformers' own.
 
-For every MoE family whose tiny model trains on CPU (``tests/moe_survey_configs.py``): one
+For every MoE family whose tiny model trains on CPU (``pp_media/testing/_moe_survey.py``): one
 forward with ``output_router_logits=True``; the recorded router logits split into 2 or 3 groups
 of layers ("stages"), each group added onto the running ``[2E + 1]`` stats tensor, give exactly
 ``load_balancing_loss_func`` of the family's transformers module, the model's ``aux_loss`` and
@@ -10,19 +10,21 @@ the same gradient with respect to every layer's router logits; with and without 
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 import pytest
 import torch
 
 from pp_media._hf.router_loss import RouterLoss, recording_router_logits
-from tests import moe_survey_configs as moe
+from pp_media.testing import _moe_survey as moe
+from pp_media.testing._moe import EXPERTS, ROUTER_AUX_LOSS_COEF, TOP_K
 
 AUX = moe.AUX_LOSS_FAMILIES
 #: Families whose whole forward runs (Llama4's ``ForConditionalGeneration.forward`` fails).
-FORWARD = tuple(t for t in moe.BUILDERS if t != "llama4")
-#: Trailing padding per sample of the padded batch (sample 3 keeps 5 real text tokens).
-PAD = (0, 3, 0, 5)
+FORWARD = tuple(t for t in moe.MODEL_TYPES if t != "llama4")
+#: The fixtures' ``router_aux_loss_coef``: 0.01 in Qwen3-VL-MoE's and ERNIE's, else the shared one.
+COEFS = {t: ROUTER_AUX_LOSS_COEF for t in AUX} | {"qwen3_vl_moe": 0.01, "ernie4_5_vl_moe": 0.01}
 
 
 @functools.cache
@@ -43,7 +45,7 @@ def _forward(model_type: str, batch: dict[str, Any], **kwargs: Any) -> tuple[Any
 def _run(model_type: str) -> tuple[dict[str, Any], Any, list]:
     """The padded survey batch's forward (cached: one forward per family for most tests)."""
     model = _model(model_type)
-    batch = moe.tiny_batch(model_type, model.config, pad=PAD)
+    batch = moe.tiny_batch(model.config)
     out, recorded = _forward(model_type, batch)
     return batch, out, recorded
 
@@ -61,15 +63,16 @@ def _split(items: list, n: int) -> list[list]:
 def _spec(model_type: str) -> RouterLoss:
     """The family's loss; for families without one in transformers, E and top-k only."""
     if model_type not in AUX:
-        return RouterLoss(moe.EXPERTS, moe.TOP_K, coef=0.0)
+        return RouterLoss(EXPERTS, TOP_K, coef=0.0)
     return RouterLoss.from_text_config(_model(model_type).config.get_text_config())
 
 
 def _transformers_loss(model_type: str) -> Any:
-    """The family's ``load_balancing_loss_func``; for the others the (identical) Qwen3-VL-MoE
-    copy, applied to what they record (Gemma4 records probabilities: the formula still holds,
-    though transformers never applies it there)."""
-    return moe.load_balancing_loss_func(model_type if model_type in AUX else "qwen3_vl_moe")
+    """The family's ``load_balancing_loss_func`` (its model's module's); for the others the
+    (identical) Qwen3-VL-MoE copy, applied to what they record (Gemma4 records probabilities:
+    the formula still holds, though transformers never applies it there)."""
+    owner = _model(model_type if model_type in AUX else "qwen3_vl_moe")
+    return sys.modules[type(owner).__module__].load_balancing_loss_func
 
 
 @pytest.mark.parametrize("model_type", FORWARD)
@@ -82,7 +85,7 @@ def test_hooks_record_what_transformers_records(model_type: str) -> None:
 
 @pytest.mark.parametrize("model_type", AUX)
 def test_config_names_read_per_family(model_type: str) -> None:
-    assert _spec(model_type) == RouterLoss(moe.EXPERTS, moe.TOP_K, 0.01)
+    assert _spec(model_type) == RouterLoss(EXPERTS, TOP_K, COEFS[model_type])
 
 
 @pytest.mark.parametrize("stages", [2, 3])
@@ -135,11 +138,11 @@ def test_biased_routing_is_not_what_the_loss_counts(model_type: str) -> None:
     """The quirk kept on purpose: these families route on ``score + bias`` but transformers'
     loss (and ours, equal to it above) counts the top-k of ``softmax(raw logits)``."""
     model = _model(model_type)
-    batch = moe.tiny_batch(model_type, model.config, pad=PAD)
+    batch = moe.tiny_batch(model.config)
     modules = [m for m in model.modules() if type(m).__name__ == BIASED[model_type]]
     with recording_router_logits(modules, 2) as chosen, recording_router_logits(modules, 0) as raw:
         model(**batch, output_router_logits=True)
-    k = moe.TOP_K
+    k = TOP_K
     differing = 0
     for logits, indices in zip(raw, chosen, strict=True):
         counted = torch.topk(torch.softmax(logits, -1), k, dim=-1).indices.sort(-1).values
@@ -177,7 +180,7 @@ def test_per_microbatch_form_is_transformers_per_microbatch(model_type: str) -> 
     from the whole batch's aux (``benchmarks/moe_survey.py`` prints by how much)."""
     batch, out, _ = _run(model_type)
     spec = _spec(model_type)
-    chunks = moe.microbatches(model_type, batch, 2)
+    chunks = moe.microbatches(_model(model_type).config, batch, 2)
     assert [c["input_ids"].shape[0] for c in chunks] == [2, 2]
     terms = []
     for chunk in chunks:

@@ -18,14 +18,14 @@ ROUTING_BIAS_STD = 0.05
 
 
 def perturb_routing_biases(model: Any, seed: int) -> None:
-    """Random ``e_score_correction_bias`` buffers (zeros at initialisation, trained in real
-    checkpoints), in place. At zero the experts a layer routes to are the top-k of
-    ``softmax(logits)`` too, which is what transformers' load-balancing loss counts: with
-    random biases the two differ, so a router loss that counted the routed experts instead
-    would fail the parity check."""
+    """Random ``e_score_correction_bias`` buffers (GLM-4.5V, MiniMax-M3-VL, Inkling) and
+    parameters (ERNIE-4.5-VL), in place: zeros at initialisation, trained in real checkpoints.
+    At zero the experts a layer routes to are the top-k of ``softmax(logits)`` too, which is
+    what transformers' load-balancing loss counts: with random biases the two differ, so a
+    router loss that counted the routed experts instead would fail the parity check."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, buffer in model.named_buffers():
+        for name, bias in [*model.named_buffers(), *model.named_parameters()]:
             if name.endswith("e_score_correction_bias"):
-                noise = torch.randn(buffer.shape, generator=generator)
-                buffer.copy_(ROUTING_BIAS_STD * noise.to(buffer.dtype))
+                noise = torch.randn(bias.shape, generator=generator)
+                bias.copy_(ROUTING_BIAS_STD * noise.to(bias.dtype))
