@@ -23,8 +23,6 @@ from pp_media.testing._moe import EXPERTS, ROUTER_AUX_LOSS_COEF, TOP_K
 AUX = moe.AUX_LOSS_FAMILIES
 #: Families whose whole forward runs (Llama4's ``ForConditionalGeneration.forward`` fails).
 FORWARD = tuple(t for t in moe.MODEL_TYPES if t != "llama4")
-#: The fixtures' ``router_aux_loss_coef``: 0.01 in Qwen3-VL-MoE's and ERNIE's, else the shared one.
-COEFS = {t: ROUTER_AUX_LOSS_COEF for t in AUX} | {"qwen3_vl_moe": 0.01, "ernie4_5_vl_moe": 0.01}
 
 
 @functools.cache
@@ -85,7 +83,9 @@ def test_hooks_record_what_transformers_records(model_type: str) -> None:
 
 @pytest.mark.parametrize("model_type", AUX)
 def test_config_names_read_per_family(model_type: str) -> None:
-    assert _spec(model_type) == RouterLoss(EXPERTS, TOP_K, COEFS[model_type])
+    # Qwen3-VL-MoE's fixture keeps 0.01: the README's measured router-loss gaps are its.
+    coef = 0.01 if model_type == "qwen3_vl_moe" else ROUTER_AUX_LOSS_COEF
+    assert _spec(model_type) == RouterLoss(EXPERTS, TOP_K, coef)
 
 
 @pytest.mark.parametrize("stages", [2, 3])

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from pp_media.testing._moe import ROUTER_AUX_LOSS_COEF, perturb_routing_biases
 from pp_media.testing._tiny import (
     IMAGE_TOKEN,
     VIDEO_TOKEN,
@@ -23,7 +24,7 @@ _MOE = {
     "moe_k": 2,
     "moe_intermediate_size": [32, 16],
     "moe_num_shared_experts": 1,
-    "router_aux_loss_coef": 0.01,
+    "router_aux_loss_coef": ROUTER_AUX_LOSS_COEF,
 }
 _VISION = {
     "depth": 2,
@@ -68,6 +69,9 @@ class Ernie4_5VLMoeFamily(TinyFamily):
             image_end_token_id=VISION_END,
             tie_word_embeddings=tie_word_embeddings,
         )
+
+    def make_checkable(self, model: Any, seed: int) -> None:
+        perturb_routing_biases(model, seed)
 
     def processor(self, config: Any) -> Any:
         vision = config.vision_config
