@@ -252,6 +252,15 @@ CASES: tuple[Case, ...] = (
     # Router loss on: per microbatch; stage 0 holds only the dense layer 0 (its stats pass on
     # as a copy) and the text-only microbatch routes every token to the text experts.
     Case("ernie4_5_vl_moe", "Interleaved1F1B", aux="config", claims=("text_only_mb",)),
+    # Videos (frame pairs merged by the resampler) beside images, through the video experts.
+    Case(
+        "ernie4_5_vl_moe",
+        "1F1B",
+        aux="config",
+        batch="videos",
+        seed=2,
+        claims=("image_and_video_in_a_sample",),
+    ),
     # --- llama4 ---
     # The reference is the fixture's reference_loss (the unsplit forward fails upstream).
     Case("llama4", "1F1B", claims=("text_only_mb", "several_images")),

@@ -99,6 +99,7 @@ Qwen3-VL-MoE, router loss off          0          5.2e-8
 Qwen3-VL-MoE, router loss on           4.8e-7     3.0e-8                 1 microbatch: grad 0
 ERNIE-4.5-VL MoE (tied, interleaved)   1.4e-6     5.4e-8     1.2e-7      2 SGD steps tied
 ERNIE-4.5-VL MoE, router loss on       9.5e-7     3.0e-8                 per-microbatch ref.
+ERNIE-4.5-VL MoE, videos, router on    9.5e-7     2.4e-8                 frame pairs merged
 Llama 4 (1F1B, Interleaved1F1B)        4.8e-7     2.6e-8                 reference from parts
 Gemma4 (tied, MoE, 4 stages)           4.8e-7     1.5e-7
 Gemma4, 3 ranks (layers 0 / 1-2 / 3)   4.8e-7     1.5e-7
@@ -810,15 +811,29 @@ def _step3_layout(batch: Batch, case: Case) -> None:
 
 def _ernie_layout(batch: Batch, case: Case) -> None:
     """Flat ``[3*14*14]`` patch rows (no temporal patch), ``h*w/4`` placeholders per image;
-    ``moe_mm_token_type_ids`` 1 at the placeholders and their start and end tokens."""
+    videos of 2 or 4 frames, ``t*h*w/8`` placeholders each (the resampler merges frame pairs);
+    ``moe_mm_token_type_ids`` 1 at the image placeholders and their start and end tokens, 2 at
+    a video's."""
     grids, runs, tokens = batch["image_grid_thw"], batch["image_runs"], batch["image_tokens"]
     assert batch["shapes"]["pixel_values"] == [sum(t * h * w for t, h, w in grids), 3 * 14 * 14]
     offsets = [sum(runs[:i]) for i in range(len(runs) + 1)]
     assert tokens == [
         sum(h * w // 4 for _, h, w in grids[offsets[i] : offsets[i + 1]]) for i in range(len(runs))
     ]
-    ones = [sum(row) for row in batch["moe_mm_token_type_ids"]]
+    types = batch["moe_mm_token_type_ids"]
+    ones = [row.count(1) for row in types]
     assert ones == [t + 2 * r for t, r in zip(tokens, runs, strict=True)], ones
+    if case.batch != "videos":
+        return
+    grids, videos = batch["video_grid_thw"], batch["video_tokens"]
+    assert batch["shapes"]["pixel_values_videos"] == [
+        sum(t * h * w for t, h, w in grids),
+        3 * 14 * 14,
+    ]
+    assert sorted({t for t, _, _ in grids}) == [2, 4], "videos of 2 and of 4 frames"
+    assert [v for v in videos if v] == [t * h * w // 8 for t, h, w in grids]
+    twos = [row.count(2) for row in types]
+    assert twos == [v + 2 * bool(v) for v in videos], twos
 
 
 def _llama4_layout(batch: Batch, case: Case) -> None:

@@ -58,9 +58,13 @@ def _image(generator: torch.Generator, height: int, width: int) -> Any:
     return Image.fromarray(pixels.numpy())
 
 
-def _separators(config: Any) -> tuple[int | None, int | None]:
+def _separators(config: Any, video: bool = False) -> tuple[int | None, int | None]:
     """The tokens around a placeholder run (Qwen: vision start/end; GLM-4V: image start/end;
-    Inkling: an ``image_bos`` before the run and nothing after it)."""
+    Inkling: an ``image_bos`` before the run and nothing after it; a video's own where the
+    fixture names them, ``video_separators``)."""
+    names = fixture_for(config.model_type).video_separators if video else None
+    if names is not None:
+        return tuple(getattr(config, name) for name in names)
     for prefix in ("vision", "image"):
         start = getattr(config, f"{prefix}_start_token_id", None)
         if start is not None:
@@ -121,12 +125,13 @@ def _videos(
     """Videos in the video processor's layout: one patch row of ``row_shape`` (the image
     processor's, as Qwen-VL and Kimi-K2.5 share it) per ``t*h*w`` grid cell."""
     vision = config.vision_config
-    temporal = getattr(vision, "temporal_patch_size", 1)
+    # Grid frames: 1 or 2 temporal patches, times the frames the tower merges (ERNIE: 2).
+    merged = getattr(vision, "temporal_merge_size", 1)
     grids = []
     for _ in range(n_videos):
-        frames = temporal * int(torch.randint(1, 3, (1,), generator=generator))
+        frames = merged * int(torch.randint(1, 3, (1,), generator=generator))
         height, width = IMAGE_SIZES[int(torch.randint(len(IMAGE_SIZES), (1,), generator=generator))]
-        grids.append([frames // temporal, _grid_side(height, vision), _grid_side(width, vision)])
+        grids.append([frames, _grid_side(height, vision), _grid_side(width, vision)])
     grid = torch.tensor(grids, dtype=torch.int64).reshape(-1, 3)
     rows = int(grid.prod(-1).sum())
     pixels = torch.randn(rows, *row_shape, generator=generator)
@@ -193,12 +198,14 @@ def synthetic_batch(
         frames = grid[:, 0].tolist() if grid is not None else [VIDEO_FRAMES] * len(tokens)
         video_tokens = list(zip(frames, tokens, strict=True))
     start, end = _separators(config)
+    video_separators = _separators(config, video=True)
 
-    def placeholder_run(token: int, n_tokens: int) -> list[int]:
+    def placeholder_run(token: int, n_tokens: int, video: bool = False) -> list[int]:
         run = [token] * n_tokens
-        if start is None:
+        first, last = video_separators if video else (start, end)
+        if first is None:
             return run
-        return [start, *run] if end is None else [start, *run, end]
+        return [first, *run] if last is None else [first, *run, last]
 
     text_ids = text_token_ids(config)
 
@@ -219,11 +226,11 @@ def synthetic_batch(
                 next(video_iter),
             )
             if not fixture.video_frames_separately:
-                row += placeholder_run(video_token, n_tokens)
+                row += placeholder_run(video_token, n_tokens, video=True)
                 continue
             for _ in range(frames):  # a timestamp token before each frame's own run
                 row += text(1)
-                row += placeholder_run(video_token, n_tokens // frames)
+                row += placeholder_run(video_token, n_tokens // frames, video=True)
         prefix_lengths.append(len(row))  # media and prompt; the answer text follows
         text_len = int(torch.randint(4, 12, (1,), generator=generator))
         row += text(text_len)
@@ -242,7 +249,7 @@ def synthetic_batch(
     media_tokens = torch.zeros_like(input_ids, dtype=torch.bool)
     for kind in adapter.media:
         media_tokens |= input_ids == adapter.token_id(config, kind)
-    for token in (start, end):
+    for token in (start, end, *video_separators):
         if token is not None:
             media_tokens |= input_ids == token
     labels = input_ids.masked_fill(media_tokens | (attention_mask == 0), -100)
@@ -263,8 +270,9 @@ def default_seq_len(config: Any, *, max_images: int = 3, videos: bool = False) -
     longest = 3 + max_images * (per_image + separators + 2) + 11
     if videos and _flat_videos(config):
         vision = config.vision_config
+        frames = 2 * getattr(vision, "temporal_merge_size", 1)
         grid = torch.tensor(
-            [[2, _grid_side(h, vision), _grid_side(w, vision)] for h, w in IMAGE_SIZES]
+            [[frames, _grid_side(h, vision), _grid_side(w, vision)] for h, w in IMAGE_SIZES]
         )
         per_video = adapter.tokens_per_item(config, adapter.media[1], {"video_grid_thw": grid})
         longest += int(per_video.max()) + 2 * (separators + 1)

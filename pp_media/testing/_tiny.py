@@ -76,6 +76,9 @@ class TinyFamily:
     video_layout: str | None = None
     #: Each video frame has its own placeholder run after a timestamp (Qwen3-VL, GLM-4V).
     video_frames_separately: bool = False
+    #: The config's start and end token attributes around a video's placeholders when they
+    #: differ from an image's (ERNIE-4.5-VL), else None: the image ones.
+    video_separators: tuple[str, str] | None = None
     #: Whether the unsplit model accepts images and videos in one forward.
     mixes_images_and_videos: bool = True
 

@@ -17,6 +17,8 @@ from pp_media.testing._tiny import (
     tiny_family,
 )
 
+#: Start and end tokens around a video's placeholders (an image's are VISION_START / _END).
+VIDEO_START, VIDEO_END = 994, 995
 #: 4 routed experts (top-2) per modality and one shared expert; layer 0 dense, as the
 #: checkpoints' ``mlp_layer_types`` start.
 _MOE = {
@@ -43,6 +45,9 @@ class Ernie4_5VLMoeFamily(TinyFamily):
     (placeholders) and ``moe_mm_token_type_ids`` (placeholders and their start/end tokens)."""
 
     model_types = ("ernie4_5_vl_moe",)
+    #: Flat 14-pixel patch rows, frames merged in pairs by the resampler.
+    video_layout = "patches"
+    video_separators = ("video_start_token_id", "video_end_token_id")
 
     def config(self, model_type: str, text: dict[str, Any], tie_word_embeddings: bool) -> Any:
         import transformers
@@ -67,6 +72,8 @@ class Ernie4_5VLMoeFamily(TinyFamily):
             video_token_id=VIDEO_TOKEN,
             image_start_token_id=VISION_START,
             image_end_token_id=VISION_END,
+            video_start_token_id=VIDEO_START,
+            video_end_token_id=VIDEO_END,
             tie_word_embeddings=tie_word_embeddings,
         )
 
