@@ -3,24 +3,16 @@ the model of many random orders, checked against results known in closed form.""
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_balance.py"
+from tests.helpers.benchmarks import loaded_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_balance", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_balance"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_balance", None)
+    yield from loaded_benchmark("bench_balance")
 
 
 def _uniform_times(bench, forward: float, backward: float):

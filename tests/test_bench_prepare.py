@@ -3,26 +3,16 @@ that ``(D - A) / A`` is a floor on a correct planner's cost and not on less."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from pp_media import VLM_PP_MEDIA_KEY, prepare_vlm_media_for_pp
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_prepare.py"
+from tests.helpers.benchmarks import loaded_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_prepare", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_prepare"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_prepare", None)
+    yield from loaded_benchmark("bench_prepare")
 
 
 @pytest.mark.parametrize(("batch_size", "n_microbatches"), [(8, 4), (13, 4), (64, 16), (300, 7)])

@@ -4,25 +4,15 @@ against a brute force over every split. No timings."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from pp_media._hf.auto_split import estimate
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_stage_split.py"
+from tests.helpers.benchmarks import loaded_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_stage_split", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_stage_split"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_stage_split", None)
+    yield from loaded_benchmark("bench_stage_split")
 
 
 def test_flops_by_hand(bench) -> None:
