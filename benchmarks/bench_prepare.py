@@ -24,9 +24,9 @@ design target (DESIGN.md, invariant 4) is that preparing the media costs about a
 engine's text split; this script checks ``ratio <= 0.6`` for the per-rank batch sizes people
 train with (``B < 64``, where the fixed cost per call dominates) and ``ratio <= 0.5`` for
 ``B >= 64``. Balancing shares the split's reading, so what it adds to the split, ``(C - A) / A``,
-should be at most 0.5; ``(D - A) / A`` is what any planner of the same rule adds at least,
-so a case whose floor exceeds 0.5 cannot meet that target without changing the rule. It
-reports only: the exit code is always 0.
+should be at most 0.5; ``(D - A) / A`` is a floor on what a planner of the same rule adds
+(its unavoidable steps, each in the cheapest form found), so a case whose floor exceeds 0.5
+cannot meet that target with those steps. It reports only: the exit code is always 0.
 """
 
 from __future__ import annotations
@@ -188,8 +188,9 @@ def floor_plan(batch_dict: dict[str, Any], batch_size: int, n_microbatches: int)
     into their microbatches (batch order inside) and hand back that order as a tensor, and give
     the split the offsets of the permuted batch. This does exactly those steps, each in the
     cheapest form found: it skips resolving the layout (the fields are named), ranks loads that
-    never change, and deals round-robin instead of by load. It is therefore cheaper than any
-    correct planner; ``(D - A) / A`` is a floor on what planning adds to the split. Small batches
+    never change, and deals round-robin instead of by load. As far as these forms are the
+    cheapest, no correct planner costs less: ``(D - A) / A`` is a floor on what planning adds to
+    the split. Small batches
     take the planner's host path (Python lists), large ones its tensor path (the planner's
     threshold, ``_HOST_PLAN_MAX``). Returns the order and the pixel, grid and count views."""
     pixels = batch_dict["pixel_values"]
