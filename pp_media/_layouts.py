@@ -1,12 +1,13 @@
 """Media layouts described as data: which fields a batch's media have and how they map to samples.
 
 In the spirit of torch's ``TensorChunkSpec``, a ``MediaGroup`` says, per field, what its dim 0
-counts: samples, items (images, videos, crops) or rows of the pixel tensor. How many items each
-sample has (``items``: a ``[B]`` count field, or ``missing_items`` each) and how many rows each
-item has (``rows``: a grid product, a count, or one) is all the core needs to keep every field
-with its samples. The core interprets these descriptions and knows no field name of its own;
-``SEED_LAYOUT`` is the one it ships (the seed API's processor fields), and families whose
-processors name their fields otherwise describe their own instead of renaming.
+counts: samples, items (images, videos, crops) or rows of the pixel tensor (patches, frames).
+How many items each sample has (``items``: a ``[B]`` count field, or ``missing_items`` each)
+and how many rows each item has (``rows``: a grid product, a count, or one) is all the core
+needs to keep every field with its samples. The core interprets these descriptions and knows no
+field name of its own; ``SEED_LAYOUT`` is the one it ships (the seed API's processor fields),
+and families whose processors name their fields otherwise describe their own instead of
+renaming.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ class MediaGroup:
     pixel tensor may instead hold one row per sample (told apart by dim 0 == B; Step3's full
     image beside its crops). ``per_item``: further fields with one row per item;
     ``item_pixels``: those of them that are pixels (they add to the default balancing cost).
-    ``per_sample``: fields with one row per sample. ``extras``: per-item fields that travel with
+    ``per_sample``: fields with one row per sample. ``per_row``: fields whose dim 0 follows the
+    pixel tensor's, row for row, whatever those rows are (Gemma4's ``video_position_ids``: one
+    row per frame of ``pixel_values_videos``). ``extras``: per-item fields that travel with
     the group when it applies but alone do not make a batch a media batch (left in the batch
     otherwise). ``noun`` and ``label`` only word error messages.
     """
@@ -70,6 +73,7 @@ class MediaGroup:
     per_item: tuple[str, ...] = ()
     item_pixels: tuple[str, ...] = ()
     per_sample: tuple[str, ...] = ()
+    per_row: tuple[str, ...] = ()
     extras: tuple[str, ...] = ()
     when: tuple[str, ...] = ()
     noun: str = "item"
@@ -100,7 +104,7 @@ class MediaGroup:
     @property
     def media_fields(self) -> tuple[str, ...]:
         """Every field of the group but the extras: present without the group, an error."""
-        fields = (self.pixels, *self.row_fields, *self.per_item, *self.per_sample)
+        fields = (self.pixels, *self.row_fields, *self.per_item, *self.per_sample, *self.per_row)
         return fields + ((self.items,) if self.items is not None else ())
 
 
@@ -198,4 +202,16 @@ GEMMA4_IMAGES = MediaGroup(
     extras=("num_soft_tokens_per_image",),
     label="Gemma4 images",
 )
-GEMMA4_LAYOUT = MediaLayout((GEMMA4_IMAGES,))
+#: Gemma4 videos: every video's frames concatenated into one pixel row each
+#: (``pixel_values_videos [frames, max_patches, patch_pixels]``), ``num_frames_per_video`` rows
+#: per video, and each frame's patch positions (``video_position_ids [frames, max_patches, 2]``)
+#: following the pixel rows.
+GEMMA4_VIDEOS = MediaGroup(
+    "pixel_values_videos",
+    items="n_videos_per_sample",
+    rows=CountRows("num_frames_per_video"),
+    per_row=("video_position_ids",),
+    noun="video",
+    label="Gemma4 videos",
+)
+GEMMA4_LAYOUT = MediaLayout((GEMMA4_IMAGES, GEMMA4_VIDEOS))

@@ -215,6 +215,7 @@ def _permuted_reading(reading: GroupReading, updates: dict[str, torch.Tensor]) -
         else get(reading.row_field, reading.row_tensor),
         item_fields=[(name, get(name, tensor)) for name, tensor in reading.item_fields],
         sample_fields=[(name, get(name, tensor)) for name, tensor in reading.sample_fields],
+        per_row_fields=[(name, get(name, tensor)) for name, tensor in reading.per_row_fields],
     )
 
 

@@ -118,13 +118,15 @@ def _is_host(device: torch.device) -> bool:
 def add_group(layout: SampleLayout, reading: GroupReading) -> None:
     """Where the fields of one group go when its samples move, and what they cost."""
     group = reading.group
-    item_fields = [group.pixels] if reading.pixel_rows == "items" else []
+    # The pixels and the fields that follow their rows move together.
+    pixel_fields = [group.pixels, *(name for name, _ in reading.per_row_fields)]
+    item_fields = list(pixel_fields) if reading.pixel_rows == "items" else []
     item_fields += [reading.row_field] if reading.row_field is not None else []
     item_fields += [name for name, _ in reading.item_fields]
     layout.consumed.update(reading.names)
     layout.per_sample += [name for name, _ in reading.sample_fields]
     if reading.pixel_rows == "samples":
-        layout.per_sample.append(group.pixels)
+        layout.per_sample += pixel_fields
     counts_index = None
     if reading.counts is None:
         layout.per_sample += item_fields  # one item per sample
@@ -143,7 +145,7 @@ def add_group(layout: SampleLayout, reading: GroupReading) -> None:
         sizes_index = layout.count(reading.sizes, reading.check_sizes)
         layout.flats.append(_Flat(sizes_index, counts_index))
         flat_index = len(layout.flats) - 1
-        layout.segments.append((("flat", flat_index), [group.pixels]))
+        layout.segments.append((("flat", flat_index), pixel_fields))
         layout.cost_rows.append(("flat", flat_index))
     else:
         layout.cost_rows.append("ones" if reading.pixel_rows == "samples" else item_rows)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -54,6 +54,8 @@ class GroupReading:
     item_fields: list[tuple[str, torch.Tensor]]
     #: Fields with one row per sample (the counts excluded).
     sample_fields: list[tuple[str, torch.Tensor]]
+    #: Fields whose dim 0 follows the pixel tensor's, row for row (``MediaGroup.per_row``).
+    per_row_fields: list[tuple[str, torch.Tensor]] = field(default_factory=list)
 
     @property
     def counts_name(self) -> str:
@@ -67,6 +69,7 @@ class GroupReading:
         names += [self.counts_name] if self.counts_given else []
         names += [name for name, _ in self.item_fields]
         names += [name for name, _ in self.sample_fields]
+        names += [name for name, _ in self.per_row_fields]
         return names
 
     def check_counts(self, total: int, minimum: int) -> None:
@@ -322,6 +325,19 @@ def _read_group(group: MediaGroup, present: Mapping[str, Any], b: int) -> GroupR
             tensor = require_tensor(name, present[name])
             _require_rows(name, tensor, b, "one row per sample")
             sample_fields.append((name, tensor))
+    per_row_fields = []
+    for name in group.per_row:
+        if present.get(name) is not None:
+            tensor = require_tensor(name, present[name])
+            if tensor.dim() == 0 or tensor.shape[0] != pixels.shape[0]:
+                raise media_error(
+                    name,
+                    tensor,
+                    f"dim 0 of size {pixels.shape[0]}, the rows of '{group.pixels}' (shape "
+                    f"{tuple(pixels.shape)}): it follows the pixel rows",
+                    f"Pass the '{name}' that the processor emitted with these '{group.pixels}'.",
+                )
+            per_row_fields.append((name, tensor))
     return GroupReading(
         group,
         b,
@@ -336,6 +352,7 @@ def _read_group(group: MediaGroup, present: Mapping[str, Any], b: int) -> GroupR
         n_items,
         item_fields,
         sample_fields,
+        per_row_fields,
     )
 
 

@@ -77,6 +77,8 @@ def split_group(
         chunks[name] = split_rows(tensor, item_sizes)
     for name, tensor in reading.sample_fields:
         chunks[name] = split_rows(tensor, sample_sizes)
+    for name, tensor in reading.per_row_fields:
+        chunks[name] = split_rows(tensor, pixel_sizes)
     return chunks
 
 

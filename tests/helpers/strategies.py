@@ -247,7 +247,7 @@ class LayoutCase:
 def layout_cases(draw: st.DrawFn, max_batch: int = 24, max_microbatches: int = 8) -> LayoutCase:
     """1-2 groups with random field names: items counted or one per sample (or none, beside one
     pixel row per sample), rows per item from a grid product, a count or one, and per-item,
-    per-sample and extra fields; the values of every row name its sample."""
+    per-sample, per-pixel-row and extra fields; the values of every row name its sample."""
     m = draw(st.integers(1, max_microbatches))
     b = draw(st.integers(m, max(m, max_batch)))
     groups = []
@@ -276,6 +276,7 @@ def layout_cases(draw: st.DrawFn, max_batch: int = 24, max_microbatches: int = 8
         per_item = tuple(f"{name}_item{i}" for i in range(draw(st.integers(0, 2))))
         per_sample = tuple(f"{name}_sample{i}" for i in range(draw(st.integers(0, 1))))
         extras = tuple(f"{name}_extra{i}" for i in range(draw(st.integers(0, 1))))
+        per_row = tuple(f"{name}_row{i}" for i in range(draw(st.integers(0, 1))))
         group_rows = (
             GridRows((f"{name}_grid",))
             if rows_kind == "grid"
@@ -293,6 +294,7 @@ def layout_cases(draw: st.DrawFn, max_batch: int = 24, max_microbatches: int = 8
                 per_item=per_item,
                 item_pixels=per_item[:1],
                 per_sample=per_sample,
+                per_row=per_row,
                 extras=extras,
             )
         )
@@ -308,6 +310,8 @@ def layout_cases(draw: st.DrawFn, max_batch: int = 24, max_microbatches: int = 8
                 pixels = n
             owner = float(s)
             rows.setdefault(f"{name}_pixels", []).append(torch.full((pixels, 2), owner))
+            for field in per_row:  # Gemma4's video_position_ids: [pixel rows, P, 2]
+                rows.setdefault(field, []).append(torch.full((pixels, 3, 2), s))
             if counted:
                 rows.setdefault(f"{name}_counts", []).append(torch.tensor([n]))
             if rows_kind == "grid":
