@@ -281,6 +281,16 @@ CASES: tuple[Case, ...] = (
         checkpoint=True,
         claims=("text_only_mb", "kv_crosses_stages"),
     ),
+    # Videos (one row per frame, video_position_ids following the frame rows): seed 10 gives
+    # sample 1 images and a video of 2 frames, sample 4 a video of 3 frames alone in its
+    # microbatch.
+    Case(
+        "gemma4",
+        "1F1B",
+        batch="videos",
+        seed=10,
+        claims=("video_only_mb", "image_and_video_in_a_sample", "kv_crosses_stages"),
+    ),
     # --- aria ---
     # The projector's LayerNorm divides by the small spread of the random cross-attention output:
     # gradients up to 9.6 (cross_attn.linear.bias), whose fp32 ulp is 9.5e-7, so summation order
@@ -446,11 +456,13 @@ def describe_batch(batch: dict[str, torch.Tensor], config: Any, case: Case) -> d
         "image_sizes",
         "token_type_ids",
         "moe_mm_token_type_ids",
+        "num_frames_per_video",
     ):
         if name in batch:
             info[name] = batch[name].tolist()
-    if "image_position_ids" in batch:  # Gemma4: real patches per padded image row
-        info["real_patches"] = (batch["image_position_ids"] != -1).all(-1).sum(-1).tolist()
+    for name in ("image_position_ids", "video_position_ids"):  # Gemma4: real patches per row
+        if name in batch:
+            info[f"real_{name}"] = (batch[name] != -1).all(-1).sum(-1).tolist()
     if "mm_token_type_ids" in batch:
         info["mm_token_types"] = batch["mm_token_type_ids"].sum(1).tolist()
     image_bos = getattr(config, "image_bos_token_id", None)

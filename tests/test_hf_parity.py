@@ -846,15 +846,33 @@ def _llama4_layout(batch: Batch, case: Case) -> None:
 def _gemma4_layout(batch: Batch, case: Case) -> None:
     """One row per image padded to the most patches, ``image_position_ids`` beside it (-1 at
     padding, some rows padded); real patches / 4 placeholders per image; ``mm_token_type_ids``
-    1 exactly at the image tokens."""
-    pixels, real, runs = batch["shapes"]["pixel_values"], batch["real_patches"], batch["image_runs"]
+    1 exactly at the image tokens, 2 at the video tokens. Videos: one row per frame, each
+    video's frames together (``num_frames_per_video``, some video of several frames), its
+    ``video_position_ids`` row beside it; one placeholder run per frame of real patches / 4."""
+    pixels, runs = batch["shapes"]["pixel_values"], batch["image_runs"]
+    real = batch["real_image_position_ids"]
     assert pixels == [sum(runs), GEMMA4_MAX_PATCHES, 3 * 4 * 4]
     assert batch["shapes"]["image_position_ids"] == [sum(runs), GEMMA4_MAX_PATCHES, 2]
     assert min(real) < GEMMA4_MAX_PATCHES, "a padded image row"
     offsets = [sum(runs[:i]) for i in range(len(runs) + 1)]
     per_sample = [real[offsets[i] : offsets[i + 1]] for i in range(len(runs))]
     assert batch["image_tokens"] == [sum(n // GEMMA4_POOLED for n in s) for s in per_sample]
-    assert batch["mm_token_types"] == batch["image_tokens"]
+    videos = batch["video_tokens"]
+    types = [i + 2 * v for i, v in zip(batch["image_tokens"], videos, strict=True)]
+    assert batch["mm_token_types"] == types
+    if case.batch != "videos":
+        return
+    frames, real = batch["num_frames_per_video"], batch["real_video_position_ids"]
+    shape = [sum(frames), GEMMA4_MAX_PATCHES]
+    assert batch["shapes"]["pixel_values_videos"] == [*shape, 3 * 4 * 4]
+    assert batch["shapes"]["video_position_ids"] == [*shape, 2]
+    assert max(frames) > 1 and max(real) < GEMMA4_MAX_PATCHES, "padded frames of a long video"
+    assert sum(batch["video_runs"]) == sum(frames), "a placeholder run per frame"
+    ends = [sum(frames[:i]) for i in range(len(frames) + 1)]
+    per_video = [
+        sum(n // GEMMA4_POOLED for n in real[ends[i] : ends[i + 1]]) for i in range(len(frames))
+    ]
+    assert [v for v in videos if v] == per_video
 
 
 def _aria_layout(batch: Batch, case: Case) -> None:

@@ -94,6 +94,8 @@ def test_each_family_refuses_a_batch_without_a_required_media_field_by_name(
         ("inkling_mm_model", "num_patches"),
         ("step3p7", "num_local_patches"),
         ("gemma4", "image_position_ids"),
+        ("gemma4", "video_position_ids"),
+        ("gemma4", "num_frames_per_video"),
     ],
 )
 def test_the_fields_each_family_declares_required(model_type: str, field: str) -> None:
@@ -104,6 +106,25 @@ def test_the_fields_each_family_declares_required(model_type: str, field: str) -
     del batch[field]
     with pytest.raises(ValueError, match=f"but no '{field}', which {model_type} needs"):
         prepare_step_inputs(batch, adapter_for(config), config, 4)
+
+
+def test_gemma4_frame_counts_that_miss_the_frame_rows_are_refused_by_name() -> None:
+    """Gemma4's placeholder rule sums each video's frames: counts that do not cover the frame
+    rows name the field before any split, and the batch is left as it was."""
+    config, batch = _family_batch("gemma4")
+    frames = batch["num_frames_per_video"]
+    rows = int(frames.sum())
+    batch["num_frames_per_video"] = frames + torch.tensor([1, 0])
+    before = dict(batch)
+    message = (
+        f"pp_media: 'num_frames_per_video' (shape (2,), dtype torch.int64): expected "
+        f"non-negative frame counts that sum to {rows}, the frame rows of 'video_position_ids' "
+        f"(shape ({rows}, 280, 2)). They sum to {rows + 1}; pass the counts the video "
+        "processor emitted."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        prepare_step_inputs(batch, adapter_for(config), config, 4)
+    assert batch.keys() == before.keys() and all(batch[k] is v for k, v in before.items())
 
 
 QWEN = tiny_config("qwen2_vl")

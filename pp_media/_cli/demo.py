@@ -189,8 +189,8 @@ def _resolve(args: argparse.Namespace, workdir: Path) -> DemoPlan:
         raise DemoError(f"--videos: pp_media's {config.model_type} adapter takes no videos")
     if args.videos and not builds_videos(config):
         raise DemoError(
-            f"--videos: the demo builds flat video patches with video_grid_thw, which "
-            f"{config.model_type} does not take"
+            f"--videos: the demo cannot lay out {config.model_type}'s videos (it builds flat "
+            "patches with video_grid_thw, one row per video, or Gemma4's one row per frame)"
         )
     try:
         text_token_ids(config)

@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=_learning_rate, default=1e-3, help="AdamW learning rate (default 1e-3)"
     )
     demo.add_argument(
-        "--videos", action="store_true", help="add videos beside the images (Qwen-VL families)"
+        "--videos",
+        action="store_true",
+        help="add videos beside the images (families that take videos)",
     )
     demo.add_argument(
         "--save",

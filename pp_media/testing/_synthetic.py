@@ -4,7 +4,8 @@ Images (0..3 per sample, several sizes, text-only samples included) go through t
 real image processor. Videos, whose processors need torchvision (not importable beside the CPU
 build of torch used here), are built directly in the Qwen-VL video processor's output layout:
 ``pixel_values_videos [sum(t*h*w), C * temporal_patch * patch**2]`` with ``video_grid_thw``
-rows ``[frames // temporal_patch, H // patch, W // patch]``.
+rows ``[frames // temporal_patch, H // patch, W // patch]``; in one ``[frames, C, H, W]`` row per
+video (LLaVA-OneVision); or by the family fixture (``video_frames``: Gemma4's one row per frame).
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def _flat_videos(config: Any) -> bool:
 
 def builds_videos(config: Any) -> bool:
     """Whether ``synthetic_batch(..., videos=True)`` can lay out this family's videos: flat
-    patches with a ``video_grid_thw`` (Qwen-VL, Kimi-K2.5), or one ``[frames, C, H, W]`` row
-    per video (LLaVA-OneVision)."""
+    patches with a ``video_grid_thw`` (Qwen-VL, Kimi-K2.5), one ``[frames, C, H, W]`` row per
+    video (LLaVA-OneVision), or the fixture's own frames (Gemma4)."""
     return fixture_for(config.model_type).video_layout is not None
 
 
@@ -180,6 +181,8 @@ def synthetic_batch(
             if _flat_videos(config):
                 row_shape = _image_row_shape(config)
                 batch.update(_videos(config, generator, n_videos, row_shape))
+            elif fixture.video_layout == "frames":
+                batch.update(fixture.video_frames(config, generator, n_videos))
             else:
                 batch.update(_video_rows(config, generator, n_videos))
 
@@ -195,7 +198,12 @@ def synthetic_batch(
     if int(video_counts.sum()):
         tokens = adapter.tokens_per_item(config, adapter.media[1], batch).tolist()
         grid = batch.get("video_grid_thw")
-        frames = grid[:, 0].tolist() if grid is not None else [VIDEO_FRAMES] * len(tokens)
+        if grid is not None:
+            frames = grid[:, 0].tolist()
+        elif "num_frames_per_video" in batch:
+            frames = batch["num_frames_per_video"].tolist()
+        else:
+            frames = [VIDEO_FRAMES] * len(tokens)
         video_tokens = list(zip(frames, tokens, strict=True))
     start, end = _separators(config)
     video_separators = _separators(config, video=True)
@@ -276,6 +284,12 @@ def default_seq_len(config: Any, *, max_images: int = 3, videos: bool = False) -
         )
         per_video = adapter.tokens_per_item(config, adapter.media[1], {"video_grid_thw": grid})
         longest += int(per_video.max()) + 2 * (separators + 1)
+    elif videos and fixture_for(config.model_type).video_layout == "frames":
+        probe = fixture_for(config.model_type).video_frames(config, generator, 1, longest=True)
+        per_video = adapter.tokens_per_item(config, adapter.media[1], probe)
+        # Each frame's run after its timestamp, between its separators.
+        n_frames = int(probe["num_frames_per_video"][0])
+        longest += int(per_video.max()) + n_frames * (1 + 2)
     elif videos:
         probe = _video_rows(config, generator, 1)
         per_video = adapter.tokens_per_item(config, adapter.media[1], probe)

@@ -72,7 +72,8 @@ class TinyFamily:
     images_per_sample: int | None = None
     #: How ``synthetic_batch(videos=True)`` lays out videos: "patches" (flat patch rows with a
     #: ``video_grid_thw``, as Qwen-VL's video processor), "rows" (one ``[frames, C, H, W]`` row
-    #: per video), None (it cannot).
+    #: per video), "frames" (the fixture's own ``video_frames``: Gemma4's one row per frame),
+    #: None (it cannot).
     video_layout: str | None = None
     #: Each video frame has its own placeholder run after a timestamp (Qwen3-VL, GLM-4V).
     video_frames_separately: bool = False
@@ -88,6 +89,14 @@ class TinyFamily:
 
     def processor(self, config: Any) -> Any:
         """The family's image processor for ``config``, built offline."""
+        raise NotImplementedError
+
+    def video_frames(
+        self, config: Any, generator: torch.Generator, n_videos: int, longest: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """``n_videos`` videos in the video processor's output layout (``video_layout ==
+        "frames"``), including ``num_frames_per_video``; ``longest``: each as long as any the
+        fixture draws (for sizing sequences)."""
         raise NotImplementedError
 
     def text_fields(

@@ -32,6 +32,7 @@ layers by their global indices, with the masks, rotary embeddings and layer call
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pp_media._core.errors import media_error, require_int_tensor
 from pp_media._hf.carry import EMBEDDING, Carry
 from pp_media._hf.families import base
 from pp_media._hf.families.base import FamilyAdapter, MediaKind
@@ -48,6 +50,10 @@ from pp_media._layouts import GEMMA4_LAYOUT
 IMAGES = replace(
     base.IMAGES, feature_fields=("image_position_ids",), requires=("image_position_ids",)
 )
+#: Videos: ``get_video_features`` takes every frame's patch positions and the frames of each
+#: video (it splits the features per video by them).
+_VIDEO_FIELDS = ("video_position_ids", "num_frames_per_video")
+VIDEOS = replace(base.VIDEOS, feature_fields=_VIDEO_FIELDS, requires=_VIDEO_FIELDS)
 #: Text-model modules only stage 0 runs: the per-layer input embedding and projection.
 PER_LAYER_INPUT_MODULES = (
     "embed_tokens_per_layer",
@@ -185,13 +191,18 @@ def run_layers(
 @family
 class Gemma4Adapter(FamilyAdapter):
     """Images one row each, padded to the batch's most patches, with ``image_position_ids``
-    (-1 at padding); placeholders per image = real patches / ``pooling_kernel_size**2``. Image
-    blocks attend bidirectionally in sliding layers (``use_bidirectional_attention="vision"``):
-    every stage builds the masks from its microbatch's ``mm_token_type_ids``, as the model."""
+    (-1 at padding); placeholders per image = real patches / ``pooling_kernel_size**2``.
+    Videos: one row per frame, every video's frames concatenated (``pixel_values_videos``,
+    ``video_position_ids`` following the frame rows), ``num_frames_per_video`` rows per video;
+    placeholders per video = the sum over its frames of real patches / ``pooling_kernel_size**2``
+    (one run per frame, after its timestamp). Image and video blocks attend bidirectionally in
+    sliding layers (``use_bidirectional_attention="vision"``): every stage builds the masks from
+    its microbatch's ``mm_token_type_ids`` (1 at image, 2 at video placeholders), as the model.
+    Audio is not wired."""
 
     model_types = ("gemma4",)
     vision_paths = ("model.vision_tower", "model.embed_vision")
-    media = (IMAGES,)
+    media = (IMAGES, VIDEOS)
     media_layout = GEMMA4_LAYOUT
     stage_fields = ("mm_token_type_ids",)
     stage0_only_paths = tuple(f"model.language_model.{name}" for name in PER_LAYER_INPUT_MODULES)
@@ -260,8 +271,26 @@ class Gemma4Adapter(FamilyAdapter):
     def tokens_per_item(
         self, config: Any, kind: MediaKind, media: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
-        real = (media["image_position_ids"] != -1).all(dim=-1).sum(dim=-1)
-        return real.to(torch.int64) // config.vision_config.pooling_kernel_size**2
+        """Per image: its real patches (``*_position_ids`` not -1) pooled; per video: the sum
+        of its frames' (``get_image_features`` / ``get_video_features`` split so)."""
+        positions = media[kind.feature_fields[0]]
+        real = (positions != -1).all(dim=-1).sum(dim=-1)
+        tokens = real.to(torch.int64) // config.vision_config.pooling_kernel_size**2
+        if kind.name != "video":
+            return tokens
+        frames = require_int_tensor("num_frames_per_video", media["num_frames_per_video"], 1)
+        counts = frames.tolist()
+        if sum(counts) != tokens.shape[0] or min(counts, default=0) < 0:
+            raise media_error(
+                "num_frames_per_video",
+                frames,
+                f"non-negative frame counts that sum to {tokens.shape[0]}, the frame rows of "
+                f"'{kind.feature_fields[0]}' (shape {tuple(positions.shape)})",
+                f"They sum to {sum(counts)}; pass the counts the video processor emitted.",
+            )
+        ends = torch.tensor([0, *itertools.accumulate(counts)], device=tokens.device)
+        sums = torch.cat((tokens.new_zeros(1), tokens.cumsum(0)))
+        return sums[ends[1:]] - sums[ends[:-1]]
 
     def layer_mask(
         self,

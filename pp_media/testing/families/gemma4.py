@@ -1,10 +1,12 @@
-"""Gemma4: per-layer inputs, keys and values shared across layers, variable-size images.
+"""Gemma4: per-layer inputs, keys and values shared across layers, variable-size images, videos.
 
 The tiny text model keeps what makes Gemma4 hard to pipeline: every layer takes a per-layer
 input (``hidden_size_per_layer_input``), the second half of the layers reuse the keys and values
 of the last earlier layer of their type (``num_kv_shared_layers``), and full-attention layers
 have their own head size (``global_head_dim``, so ``per_layer_config`` differs by layer). Images
-go through the real ``Gemma4ImageProcessorPil`` at its smallest budget (70 soft tokens).
+go through the real ``Gemma4ImageProcessorPil`` at its smallest budget (70 soft tokens). Videos
+are built in ``Gemma4VideoProcessor``'s output layout (it needs torchvision): see
+``Gemma4Family.video_frames``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ from pp_media.testing._tiny import (
 PATCH = 4
 POOLING = 2
 SOFT_TOKENS = 70
+#: Patches per frame row, real and padding: what the video processor pads every frame to.
+MAX_PATCHES = SOFT_TOKENS * POOLING**2
+#: Patch grids (rows, columns) a video's frames take: whole pooling windows, small so that
+#: sequences stay short (the real processor scales frames to the budget; the layout is the same).
+FRAME_GRIDS = ((4, 4), (4, 6), (6, 4), (6, 6))
+#: Frames per video: 1 to this many.
+MAX_FRAMES = 3
 
 
 class _Gemma4ImageFields:
@@ -52,6 +61,9 @@ class Gemma4Family(TinyFamily):
     inputs and shared keys and values (E2B, E4B)."""
 
     model_types = ("gemma4",)
+    video_layout = "frames"
+    video_frames_separately = True
+    video_separators = ("boi_token_id", "eoi_token_id")
 
     def config(self, model_type: str, text: dict[str, Any], tie_word_embeddings: bool) -> Any:
         import transformers
@@ -98,8 +110,48 @@ class Gemma4Family(TinyFamily):
             )
         )
 
+    def video_frames(
+        self, config: Any, generator: torch.Generator, n_videos: int, longest: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Videos as ``Gemma4VideoProcessor`` emits them: every video's frames concatenated,
+        one row per frame padded to ``MAX_PATCHES`` patches (``pixel_values_videos [frames,
+        MAX_PATCHES, 3 * PATCH**2]``), each frame's patch positions (x, y) with -1 at padding
+        (``video_position_ids [frames, MAX_PATCHES, 2]``) and ``num_frames_per_video``. All
+        frames of a video share its grid. ``longest``: every video of the most frames and the
+        largest grid (for sizing sequences)."""
+        pixels, positions, frames = [], [], []
+        for _ in range(n_videos):
+            if longest:
+                n_frames, (rows, cols) = MAX_FRAMES, max(FRAME_GRIDS, key=lambda g: g[0] * g[1])
+            else:
+                n_frames = int(torch.randint(1, MAX_FRAMES + 1, (1,), generator=generator))
+                rows, cols = FRAME_GRIDS[
+                    int(torch.randint(len(FRAME_GRIDS), (1,), generator=generator))
+                ]
+            grid = torch.stack(
+                torch.meshgrid(torch.arange(cols), torch.arange(rows), indexing="xy"), dim=-1
+            ).reshape(rows * cols, 2)
+            padded = torch.full((n_frames, MAX_PATCHES, 2), -1, dtype=torch.int64)
+            padded[:, : rows * cols] = grid
+            frame_pixels = torch.zeros(n_frames, MAX_PATCHES, 3 * PATCH * PATCH)
+            frame_pixels[:, : rows * cols] = torch.rand(
+                n_frames, rows * cols, 3 * PATCH * PATCH, generator=generator
+            )
+            pixels.append(frame_pixels)
+            positions.append(padded)
+            frames.append(n_frames)
+        return {
+            "pixel_values_videos": torch.cat(pixels),
+            "video_position_ids": torch.cat(positions),
+            "num_frames_per_video": torch.tensor(frames, dtype=torch.int64),
+        }
+
     def text_fields(
         self, config: Any, batch: dict[str, torch.Tensor], prefix_lengths: list[int]
     ) -> None:
-        """``mm_token_type_ids`` as ``Gemma4Processor`` emits them: 1 at image placeholders."""
-        batch["mm_token_type_ids"] = (batch["input_ids"] == config.image_token_id).long()
+        """``mm_token_type_ids`` as ``Gemma4Processor`` emits them: 1 at image placeholders,
+        2 at video placeholders."""
+        input_ids = batch["input_ids"]
+        batch["mm_token_type_ids"] = (input_ids == config.image_token_id).long() + 2 * (
+            input_ids == config.video_token_id
+        ).long()
