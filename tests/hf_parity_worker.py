@@ -283,13 +283,22 @@ CASES: tuple[Case, ...] = (
     ),
     # Videos (one row per frame, video_position_ids following the frame rows): seed 10 gives
     # sample 1 images and a video of 2 frames, sample 4 a video of 3 frames alone in its
-    # microbatch.
+    # microbatch; seed 3, on 4 stages of one layer, microbatches of a video only, of images
+    # only, of a video only and of text only.
     Case(
         "gemma4",
         "1F1B",
         batch="videos",
         seed=10,
         claims=("video_only_mb", "image_and_video_in_a_sample", "kv_crosses_stages"),
+    ),
+    Case(
+        "gemma4",
+        "Interleaved1F1B",
+        batch="videos",
+        seed=3,
+        layers_per_stage=(1, 1, 1, 1),
+        claims=("video_only_mb", "text_only_mb", "kv_crosses_stages"),
     ),
     # --- aria ---
     # The projector's LayerNorm divides by the small spread of the random cross-attention output:
