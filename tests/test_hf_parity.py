@@ -199,6 +199,8 @@ STEP3_PATCH, STEP3_DOWNSAMPLE = 14, 4
 PIXEL_MASKED = [case for case in PARITY if case.model_type == "aria"]
 #: Aria's tiny projector: 4 learned queries (placeholders) per image row.
 ARIA_QUERIES = 4
+#: Llama 4's tiny tiles: (56 // 14)**2 * 0.5**2 placeholders each.
+LLAMA4_PER_TILE = 4
 #: Inkling's tiny patches: ``[2, 4, 4, 3]`` (2 frames of 4x4 RGB).
 INKLING_PATCH = [2, 4, 4, 3]
 
@@ -649,6 +651,15 @@ def _several_images(batch: Batch, case: Case, per_rank: list[dict[str, Any]]) ->
     assert max(batch["image_runs"]) > 1, "some sample has several images"
 
 
+def _several_tiles(batch: Batch, case: Case, per_rank: list[dict[str, Any]]) -> None:
+    """Llama 4: images of one tile and of several; a sample with several images, one of them
+    of several tiles."""
+    tiles = _llama4_tiles(batch)
+    flat = [n for sample in tiles for n in sample]
+    assert 1 in flat and max(flat) > 1, flat
+    assert any(len(sample) > 1 and max(sample) > 1 for sample in tiles), tiles
+
+
 def _image_and_video_in_a_sample(batch: Batch, case: Case, per_rank: list[dict[str, Any]]) -> None:
     pairs = zip(batch["image_tokens"], batch["video_tokens"], strict=True)
     assert any(i and v for i, v in pairs), "a sample with both images and a video"
@@ -674,6 +685,7 @@ CLAIMS: dict[str, Callable[[Batch, Case, list[dict[str, Any]]], None]] = {
     "video_only_mb": _video_only_mb,
     "image_beside_several": _image_beside_several,
     "several_images": _several_images,
+    "several_tiles": _several_tiles,
     "image_and_video_in_a_sample": _image_and_video_in_a_sample,
     "full_and_sliding_stage": _full_and_sliding_stage,
     "kv_crosses_stages": _kv_crosses_stages,
@@ -836,11 +848,25 @@ def _ernie_layout(batch: Batch, case: Case) -> None:
     assert twos == [v + 2 * bool(v) for v in videos], twos
 
 
+def _llama4_tiles(batch: Batch) -> list[list[int]]:
+    """Per sample, each image's tiles: its placeholders between its start and end tokens / 4."""
+    return [[n // LLAMA4_PER_TILE for n in s] for s in batch["image_placeholders"]]
+
+
 def _llama4_layout(batch: Batch, case: Case) -> None:
-    """One ``[3, 56, 56]`` tile per image (``aspect_ratios`` 1 x 1), 4 placeholders each."""
-    assert batch["shapes"]["pixel_values"] == [sum(batch["image_runs"]), 3, 56, 56]
-    assert batch["shapes"]["aspect_ratios"] == [sum(batch["image_runs"]), 2]
-    assert batch["image_tokens"] == [4 * runs for runs in batch["image_runs"]]
+    """``[3, 56, 56]`` tiles, each image's in order: one, or ``h * w`` plus a global one
+    (``aspect_ratios``, where the batch keeps them); whole tiles of 4 placeholders each, inside
+    each image's start and end tokens."""
+    tiles = _llama4_tiles(batch)
+    flat = [n for sample in tiles for n in sample]
+    assert [len(sample) for sample in tiles] == batch["image_runs"]
+    assert [sum(s) for s in batch["image_placeholders"]] == batch["image_tokens"]
+    assert all(n % LLAMA4_PER_TILE == 0 for s in batch["image_placeholders"] for n in s)
+    assert batch["shapes"]["pixel_values"] == [sum(flat), 3, 56, 56]
+    assert ("aspect_ratios" in batch["keys"]) is ("aspect_ratios" not in case.without)
+    if "aspect_ratios" in batch:
+        grids = [h * w for h, w in batch["aspect_ratios"]]
+        assert flat == [g + (g > 1) for g in grids], (flat, grids)
 
 
 def _gemma4_layout(batch: Batch, case: Case) -> None:
