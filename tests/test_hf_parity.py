@@ -9,9 +9,9 @@ is the reference, run on the whole batch with the batch's own ``labels``. The pi
 [4, 5), [5, 6): not divisible; text-only samples, and in most cases a whole text-only
 microbatch) and must give the reference's loss on the last stage's rank and the reference's
 gradient for *every* parameter each rank holds, by the unsplit model's names. No batch
-carries ``n_images_per_sample`` / ``n_videos_per_sample``: the pipeline derives the counts
-from the placeholder tokens (Idefics3 / SmolVLM: from the per-sample pixel rows; Step3p7: one
-image each), and in two cases ``mm_token_type_ids`` too.
+carries ``n_images_per_sample`` / ``n_videos_per_sample`` (nor Llama 4's ``n_tiles_per_image``):
+the pipeline derives the counts from the placeholder tokens (Idefics3 / SmolVLM: from the
+per-sample pixel rows; Step3p7: one image each), and in two cases ``mm_token_type_ids`` too.
 
 Cases. Qwen2-VL under all 7 torch schedules; Qwen2-VL and Qwen2.5-VL with images and videos in
 one batch; microbatches with videos but no images; LLaVA with 0..3 images per sample and with
@@ -48,7 +48,10 @@ ones after it read. The MoE families Qwen3.5 MoE,
 GLM-4.5V, MiniMax-M3-VL (flat patches from the ``MergedPatchLayout`` stand-in, block-sparse
 attention layers) and the Qwen3-Omni thinker (M-RoPE from the token ids and grids, deepstack,
 videos with ``video_second_per_grid``): router loss off on 1F1B and Interleaved1F1B, and on
-(per-microbatch reference) on one of them each.
+(per-microbatch reference) on one of them each. Llama 4 (chunked-attention, no-RoPE and MoE
+layers) with images of one tile and of 2x1, 1x2 and 2x2 grids plus a global tile, several per
+sample: under 1F1B as its processor emits them (no ``aspect_ratios``: each image's tiles come
+from its tokens), under Interleaved1F1B with ``aspect_ratios``.
 
 What shows the checks can fail: a case that swaps the pixels of two equal-grid images of
 different samples in the pipeline's batch only must fail the parity check by orders of
@@ -100,7 +103,7 @@ Qwen3-VL-MoE, router loss on           4.8e-7     3.0e-8                 1 micro
 ERNIE-4.5-VL MoE (tied, interleaved)   1.4e-6     5.4e-8     1.2e-7      2 SGD steps tied
 ERNIE-4.5-VL MoE, router loss on       9.5e-7     3.0e-8                 per-microbatch ref.
 ERNIE-4.5-VL MoE, videos, router on    9.5e-7     2.4e-8                 frame pairs merged
-Llama 4 (1F1B, Interleaved1F1B)        4.8e-7     2.6e-8                 reference from parts
+Llama 4 (1F1B, Interleaved1F1B)        0          2.6e-8                 reference from parts
 Gemma4 (tied, MoE, 4 stages)           4.8e-7     1.5e-7
 Gemma4, 3 ranks (layers 0 / 1-2 / 3)   4.8e-7     1.5e-7
 Aria                                   4.8e-7     2.1e-6                 gradients up to 9.6

@@ -15,7 +15,10 @@ tile order, so a microbatch whose pixel chunk holds exactly its samples' tiles, 
 computes what the unsplit forward does. The layout counts each image's rows with
 ``n_tiles_per_image``, which a step derives (``rows_per_item``, ``llama4_tiles``) from
 ``aspect_ratios`` when a collate keeps it, else from the tokens between each image's start and
-end tokens (the processor drops ``aspect_ratios``).
+end tokens (the processor drops ``aspect_ratios``). A batch with neither (no image start tokens)
+cannot tell an image's tiles apart: each row is then taken as an image of one tile, which still
+gives each sample exactly its tiles (every tile has the same placeholders, scattered in order)
+but counts tiles as images.
 """
 
 from __future__ import annotations

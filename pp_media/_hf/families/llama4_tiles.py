@@ -58,7 +58,8 @@ class ImageTokens:
     def tiles(self) -> torch.Tensor | None:
         """Tiles of each image in batch order (int64), from its placeholders between its start
         and end tokens; None when ``input_ids`` hold no image start or end token (the images'
-        tiles cannot be told apart then). Two host reads."""
+        tiles cannot be told apart then). A few small host reads (the number of images is
+        data-dependent)."""
         ids = self.ids
         starts, ends, patches = ids == self.start, ids == self.end, ids == self.patch
         # Open images at each position: 1 from an image's start token up to (not at) its end.
