@@ -268,13 +268,17 @@ CASES: tuple[Case, ...] = (
     # --- llama4 ---
     # The reference is the fixture's reference_loss (the unsplit forward fails upstream). Images
     # of one tile and of 2x1, 1x2 and 2x2 grids plus a global tile (seed 1: 5, 5 and 5 tiles in
-    # sample 1, 1, 3 and 3 in sample 4); 1F1B on the processor's own output (no aspect_ratios:
-    # each image's tiles come from its tokens), Interleaved1F1B with aspect_ratios kept.
-    Case(
-        "llama4",
-        "1F1B",
-        without=("aspect_ratios",),
-        claims=("text_only_mb", "several_images", "several_tiles"),
+    # sample 1, 1, 3 and 3 in sample 4); 1F1B and ZBVZeroBubble on the processor's own output
+    # (no aspect_ratios: each image's tiles come from its tokens), Interleaved1F1B with
+    # aspect_ratios kept.
+    *(
+        Case(
+            "llama4",
+            schedule,
+            without=("aspect_ratios",),
+            claims=("text_only_mb", "several_images", "several_tiles"),
+        )
+        for schedule in ("1F1B", "ZBVZeroBubble")
     ),
     Case("llama4", "Interleaved1F1B", claims=("text_only_mb", "several_images", "several_tiles")),
     # --- gemma4 ---

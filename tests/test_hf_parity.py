@@ -50,8 +50,8 @@ attention layers) and the Qwen3-Omni thinker (M-RoPE from the token ids and grid
 videos with ``video_second_per_grid``): router loss off on 1F1B and Interleaved1F1B, and on
 (per-microbatch reference) on one of them each. Llama 4 (chunked-attention, no-RoPE and MoE
 layers) with images of one tile and of 2x1, 1x2 and 2x2 grids plus a global tile, several per
-sample: under 1F1B as its processor emits them (no ``aspect_ratios``: each image's tiles come
-from its tokens), under Interleaved1F1B with ``aspect_ratios``.
+sample: under 1F1B and ZBVZeroBubble as its processor emits them (no ``aspect_ratios``: each
+image's tiles come from its tokens), under Interleaved1F1B with ``aspect_ratios``.
 
 What shows the checks can fail: a case that swaps the pixels of two equal-grid images of
 different samples in the pipeline's batch only must fail the parity check by orders of
@@ -103,7 +103,7 @@ Qwen3-VL-MoE, router loss on           4.8e-7     3.0e-8                 1 micro
 ERNIE-4.5-VL MoE (tied, interleaved)   1.4e-6     5.4e-8     1.2e-7      2 SGD steps tied
 ERNIE-4.5-VL MoE, router loss on       9.5e-7     3.0e-8                 per-microbatch ref.
 ERNIE-4.5-VL MoE, videos, router on    9.5e-7     2.4e-8                 frame pairs merged
-Llama 4 (1F1B, Interleaved1F1B)        0          2.6e-8                 reference from parts
+Llama 4 (1F1B, interleaved, ZBV)       0          2.6e-8                 reference from parts
 Gemma4 (tied, MoE, 4 stages)           4.8e-7     1.5e-7
 Gemma4, 3 ranks (layers 0 / 1-2 / 3)   4.8e-7     1.5e-7
 Aria                                   4.8e-7     2.1e-6                 gradients up to 9.6
