@@ -84,6 +84,9 @@ class Case:
     drop_mm_token_type_ids: bool = False
     #: Remove ``token_type_ids`` from the batch of both runs (plain causal masks).
     drop_token_type_ids: bool = False
+    #: Fields removed from the batch of both runs, as a processor that drops them emits it
+    #: (Llama 4's ``aspect_ratios``: the pipeline then takes each image's tiles from its tokens).
+    without: tuple[str, ...] = ()
     #: The router load-balancing loss: "" (the config's ``output_router_logits``, off in the
     #: fixtures), "config" (the config's flag set: transformers' rule), "override"
     #: (``build_vlm_pipeline(output_router_logits=True)``, the config's flag off). On, the
@@ -113,6 +116,7 @@ class Case:
             parts.append("no_mm_token_type_ids")
         if self.drop_token_type_ids:
             parts.append("no_token_type_ids")
+        parts += [f"no_{name}" for name in self.without]
         if self.variant:
             parts.append(self.variant)
         if self.sgd_steps:
@@ -262,9 +266,21 @@ CASES: tuple[Case, ...] = (
         claims=("image_and_video_in_a_sample",),
     ),
     # --- llama4 ---
-    # The reference is the fixture's reference_loss (the unsplit forward fails upstream).
-    Case("llama4", "1F1B", claims=("text_only_mb", "several_images")),
-    Case("llama4", "Interleaved1F1B", claims=("text_only_mb", "several_images")),
+    # The reference is the fixture's reference_loss (the unsplit forward fails upstream). Images
+    # of one tile and of 2x1, 1x2 and 2x2 grids plus a global tile (seed 1: 5, 5 and 5 tiles in
+    # sample 1, 1, 3 and 3 in sample 4); 1F1B and ZBVZeroBubble on the processor's own output
+    # (no aspect_ratios: each image's tiles come from its tokens), Interleaved1F1B with
+    # aspect_ratios kept.
+    *(
+        Case(
+            "llama4",
+            schedule,
+            without=("aspect_ratios",),
+            claims=("text_only_mb", "several_images", "several_tiles"),
+        )
+        for schedule in ("1F1B", "ZBVZeroBubble")
+    ),
+    Case("llama4", "Interleaved1F1B", claims=("text_only_mb", "several_images", "several_tiles")),
     # --- gemma4 ---
     # 4 layers, sliding/full alternating; layers 0 and 1 store the keys and values that layers
     # 2 and 3 reuse. 2 stages (layers 0-1, 2-3): both types' keys and values and the per-layer
@@ -405,6 +421,8 @@ def make_batch(config: Any, case: Case, seed: int) -> dict[str, torch.Tensor]:
         batch = with_prompt_prefix(batch, config)
     if case.drop_token_type_ids:
         del batch["token_type_ids"]
+    for name in case.without:
+        del batch[name]
     return batch
 
 
@@ -439,6 +457,24 @@ def misrouted(batch: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Te
     raise AssertionError("the misroute batch has no two equal-grid images of different samples")
 
 
+def llama4_image_placeholders(input_ids: torch.Tensor, config: Any) -> list[list[int]]:
+    """Per sample, the placeholders of each image between its start and end tokens, read
+    token by token (the test's own reading, beside the pipeline's vectorised one)."""
+    per_sample = []
+    for row in input_ids.tolist():
+        images, count = [], None
+        for token in row:
+            if token == config.boi_token_index:
+                count = 0
+            elif token == config.eoi_token_index:
+                images.append(count)
+                count = None
+            elif token == config.image_token_index and count is not None:
+                count += 1
+        per_sample.append(images)
+    return per_sample
+
+
 def describe_batch(batch: dict[str, torch.Tensor], config: Any, case: Case) -> dict[str, Any]:
     """The facts about ``batch`` that the test checks the case's claims against."""
     from pp_media._core.bounds import sample_bounds
@@ -463,6 +499,7 @@ def describe_batch(batch: dict[str, torch.Tensor], config: Any, case: Case) -> d
         "num_patches",
         "num_local_patches",
         "image_sizes",
+        "aspect_ratios",
         "token_type_ids",
         "moe_mm_token_type_ids",
         "num_frames_per_video",
@@ -474,6 +511,9 @@ def describe_batch(batch: dict[str, torch.Tensor], config: Any, case: Case) -> d
             info[f"real_{name}"] = (batch[name] != -1).all(-1).sum(-1).tolist()
     if "mm_token_type_ids" in batch:
         info["mm_token_types"] = batch["mm_token_type_ids"].sum(1).tolist()
+    if config.model_type == "llama4":  # an image's tiles are several runs: count its starts
+        info["image_runs"] = (input_ids == config.boi_token_index).sum(1).tolist()
+        info["image_placeholders"] = llama4_image_placeholders(input_ids, config)
     image_bos = getattr(config, "image_bos_token_id", None)
     if image_bos is not None:  # Inkling: one image_bos before each placeholder run
         info["image_bos"] = (input_ids == image_bos).sum(1).tolist()

@@ -9,9 +9,9 @@ is the reference, run on the whole batch with the batch's own ``labels``. The pi
 [4, 5), [5, 6): not divisible; text-only samples, and in most cases a whole text-only
 microbatch) and must give the reference's loss on the last stage's rank and the reference's
 gradient for *every* parameter each rank holds, by the unsplit model's names. No batch
-carries ``n_images_per_sample`` / ``n_videos_per_sample``: the pipeline derives the counts
-from the placeholder tokens (Idefics3 / SmolVLM: from the per-sample pixel rows; Step3p7: one
-image each), and in two cases ``mm_token_type_ids`` too.
+carries ``n_images_per_sample`` / ``n_videos_per_sample`` (nor Llama 4's ``n_tiles_per_image``):
+the pipeline derives the counts from the placeholder tokens (Idefics3 / SmolVLM: from the
+per-sample pixel rows; Step3p7: one image each), and in two cases ``mm_token_type_ids`` too.
 
 Cases. Qwen2-VL under all 7 torch schedules; Qwen2-VL and Qwen2.5-VL with images and videos in
 one batch; microbatches with videos but no images; LLaVA with 0..3 images per sample and with
@@ -48,7 +48,10 @@ ones after it read. The MoE families Qwen3.5 MoE,
 GLM-4.5V, MiniMax-M3-VL (flat patches from the ``MergedPatchLayout`` stand-in, block-sparse
 attention layers) and the Qwen3-Omni thinker (M-RoPE from the token ids and grids, deepstack,
 videos with ``video_second_per_grid``): router loss off on 1F1B and Interleaved1F1B, and on
-(per-microbatch reference) on one of them each.
+(per-microbatch reference) on one of them each. Llama 4 (chunked-attention, no-RoPE and MoE
+layers) with images of one tile and of 2x1, 1x2 and 2x2 grids plus a global tile, several per
+sample: under 1F1B and ZBVZeroBubble as its processor emits them (no ``aspect_ratios``: each
+image's tiles come from its tokens), under Interleaved1F1B with ``aspect_ratios``.
 
 What shows the checks can fail: a case that swaps the pixels of two equal-grid images of
 different samples in the pipeline's batch only must fail the parity check by orders of
@@ -100,7 +103,7 @@ Qwen3-VL-MoE, router loss on           4.8e-7     3.0e-8                 1 micro
 ERNIE-4.5-VL MoE (tied, interleaved)   1.4e-6     5.4e-8     1.2e-7      2 SGD steps tied
 ERNIE-4.5-VL MoE, router loss on       9.5e-7     3.0e-8                 per-microbatch ref.
 ERNIE-4.5-VL MoE, videos, router on    9.5e-7     2.4e-8                 frame pairs merged
-Llama 4 (1F1B, Interleaved1F1B)        4.8e-7     2.6e-8                 reference from parts
+Llama 4 (1F1B, interleaved, ZBV)       0          2.6e-8                 reference from parts
 Gemma4 (tied, MoE, 4 stages)           4.8e-7     1.5e-7
 Gemma4, 3 ranks (layers 0 / 1-2 / 3)   4.8e-7     1.5e-7
 Aria                                   4.8e-7     2.1e-6                 gradients up to 9.6
@@ -199,6 +202,8 @@ STEP3_PATCH, STEP3_DOWNSAMPLE = 14, 4
 PIXEL_MASKED = [case for case in PARITY if case.model_type == "aria"]
 #: Aria's tiny projector: 4 learned queries (placeholders) per image row.
 ARIA_QUERIES = 4
+#: Llama 4's tiny tiles: (56 // 14)**2 * 0.5**2 placeholders each.
+LLAMA4_PER_TILE = 4
 #: Inkling's tiny patches: ``[2, 4, 4, 3]`` (2 frames of 4x4 RGB).
 INKLING_PATCH = [2, 4, 4, 3]
 
@@ -649,6 +654,15 @@ def _several_images(batch: Batch, case: Case, per_rank: list[dict[str, Any]]) ->
     assert max(batch["image_runs"]) > 1, "some sample has several images"
 
 
+def _several_tiles(batch: Batch, case: Case, per_rank: list[dict[str, Any]]) -> None:
+    """Llama 4: images of one tile and of several; a sample with several images, one of them
+    of several tiles."""
+    tiles = _llama4_tiles(batch)
+    flat = [n for sample in tiles for n in sample]
+    assert 1 in flat and max(flat) > 1, flat
+    assert any(len(sample) > 1 and max(sample) > 1 for sample in tiles), tiles
+
+
 def _image_and_video_in_a_sample(batch: Batch, case: Case, per_rank: list[dict[str, Any]]) -> None:
     pairs = zip(batch["image_tokens"], batch["video_tokens"], strict=True)
     assert any(i and v for i, v in pairs), "a sample with both images and a video"
@@ -674,6 +688,7 @@ CLAIMS: dict[str, Callable[[Batch, Case, list[dict[str, Any]]], None]] = {
     "video_only_mb": _video_only_mb,
     "image_beside_several": _image_beside_several,
     "several_images": _several_images,
+    "several_tiles": _several_tiles,
     "image_and_video_in_a_sample": _image_and_video_in_a_sample,
     "full_and_sliding_stage": _full_and_sliding_stage,
     "kv_crosses_stages": _kv_crosses_stages,
@@ -836,11 +851,25 @@ def _ernie_layout(batch: Batch, case: Case) -> None:
     assert twos == [v + 2 * bool(v) for v in videos], twos
 
 
+def _llama4_tiles(batch: Batch) -> list[list[int]]:
+    """Per sample, each image's tiles: its placeholders between its start and end tokens / 4."""
+    return [[n // LLAMA4_PER_TILE for n in s] for s in batch["image_placeholders"]]
+
+
 def _llama4_layout(batch: Batch, case: Case) -> None:
-    """One ``[3, 56, 56]`` tile per image (``aspect_ratios`` 1 x 1), 4 placeholders each."""
-    assert batch["shapes"]["pixel_values"] == [sum(batch["image_runs"]), 3, 56, 56]
-    assert batch["shapes"]["aspect_ratios"] == [sum(batch["image_runs"]), 2]
-    assert batch["image_tokens"] == [4 * runs for runs in batch["image_runs"]]
+    """``[3, 56, 56]`` tiles, each image's in order: one, or ``h * w`` plus a global one
+    (``aspect_ratios``, where the batch keeps them); whole tiles of 4 placeholders each, inside
+    each image's start and end tokens."""
+    tiles = _llama4_tiles(batch)
+    flat = [n for sample in tiles for n in sample]
+    assert [len(sample) for sample in tiles] == batch["image_runs"]
+    assert [sum(s) for s in batch["image_placeholders"]] == batch["image_tokens"]
+    assert all(n % LLAMA4_PER_TILE == 0 for s in batch["image_placeholders"] for n in s)
+    assert batch["shapes"]["pixel_values"] == [sum(flat), 3, 56, 56]
+    assert ("aspect_ratios" in batch["keys"]) is ("aspect_ratios" not in case.without)
+    if "aspect_ratios" in batch:
+        grids = [h * w for h, w in batch["aspect_ratios"]]
+        assert flat == [g + (g > 1) for g in grids], (flat, grids)
 
 
 def _gemma4_layout(batch: Batch, case: Case) -> None:

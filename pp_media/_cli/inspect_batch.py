@@ -24,6 +24,7 @@ from pp_media._core.prepare import prepare_vlm_media_for_pp
 from pp_media._hf.batch import (
     PlaceholderCheck,
     _items_per_sample,
+    add_rows_per_item,
     check_required_fields,
     placeholder_checks,
 )
@@ -112,13 +113,14 @@ def _derive_counts(
     refusals: list[ValueError],
     guessed: set[str],
 ) -> dict[str, str]:
-    """Fill in missing per-sample item counts as ``prepare_step_inputs`` does; where the
-    placeholders are not whole items, keep the refusal, assign items by best fit, mark the
-    kind as guessed and add a note. Returns how each kind's counts were found."""
+    """Fill in missing rows per item and per-sample item counts as ``prepare_step_inputs``
+    does; where the placeholders are not whole items, keep the refusal, assign items by best
+    fit, mark the kind as guessed and add a note. Returns how each kind's counts were found."""
     sources: dict[str, str] = {}
     input_ids = work["input_ids"]
     for kind in adapter.media:
         token_id = adapter.token_id(config, kind)
+        add_rows_per_item(work, adapter, config, kind)
         if work.get(kind.pixel_field) is None:
             sources[kind.name] = f"none ({kind.pixel_field} absent)"
         elif work.get(kind.count_field) is not None:

@@ -39,6 +39,19 @@ class StepInputs:
     kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def add_rows_per_item(
+    work: dict[str, Any], adapter: FamilyAdapter, config: Any, kind: MediaKind
+) -> None:
+    """Put the family's derived rows per item (``kind.rows_field``: Llama 4's tiles per image)
+    into ``work`` when its media are present and it lacks them."""
+    field = kind.rows_field
+    if field is None or work.get(field) is not None or work.get(kind.pixel_field) is None:
+        return
+    rows = adapter.rows_per_item(config, kind, work)
+    if rows is not None:
+        work[field] = rows
+
+
 def _items_per_sample(
     batch: Mapping[str, Any],
     adapter: FamilyAdapter,
@@ -188,8 +201,8 @@ def reference_batch(
     """``batch`` as the unsplit model takes it, so that ``model(**reference_batch(...)).loss``
     is the loss a pipeline step computes: the fields a step derives added (the family's
     ``step_fields``: Qwen-VL's ``mm_token_type_ids``), the per-sample counts
-    (``n_images_per_sample``, ...), which only align media, left out. A new dict; the tensors
-    are the batch's own or derived."""
+    (``n_images_per_sample``, ...) and rows per item (Llama 4's ``n_tiles_per_image``), which
+    only align media, left out. A new dict; the tensors are the batch's own or derived."""
     if VLM_PP_MEDIA_KEY in batch:
         raise ValueError(
             f"pp_media: the batch's media were already split into '{VLM_PP_MEDIA_KEY}'; build "
@@ -198,6 +211,7 @@ def reference_batch(
         )
     check_required_fields(batch, adapter, config)
     counts = {kind.count_field for kind in adapter.media}
+    counts |= {kind.rows_field for kind in adapter.media if kind.rows_field is not None}
     inputs = {name: value for name, value in batch.items() if name not in counts}
     has_media = any(batch.get(kind.pixel_field) is not None for kind in adapter.media)
     inputs.update(adapter.step_fields(config, batch, has_media))
@@ -230,6 +244,7 @@ def prepare_step_inputs(
     if VLM_PP_MEDIA_KEY not in work and has_media:
         for kind in adapter.media:
             if work.get(kind.pixel_field) is not None:
+                add_rows_per_item(work, adapter, config, kind)
                 work[kind.count_field] = _items_per_sample(
                     work, adapter, config, kind, n_microbatches
                 )

@@ -207,6 +207,7 @@ def synthetic_batch(
         video_tokens = list(zip(frames, tokens, strict=True))
     start, end = _separators(config)
     video_separators = _separators(config, video=True)
+    image_runs = fixture.image_runs(config, batch) if flat else None
 
     def placeholder_run(token: int, n_tokens: int, video: bool = False) -> list[int]:
         run = [token] * n_tokens
@@ -223,10 +224,15 @@ def synthetic_batch(
     rows: list[list[int]] = []
     prefix_lengths: list[int] = []
     image_iter, video_iter = iter(image_tokens), iter(video_tokens)
+    run_iter = iter(image_runs or ())
     for i in range(batch_size):
         row = text(3)
         for _ in range(int(counts[i])):
-            row += placeholder_run(adapter.token_id(config, image_kind), next(image_iter))
+            n_tokens = next(image_iter)
+            if image_runs is not None:
+                row += next(run_iter)
+            else:
+                row += placeholder_run(adapter.token_id(config, image_kind), n_tokens)
             row += text(2)
         for _ in range(int(video_counts[i])):
             video_token, (frames, n_tokens) = (
@@ -257,7 +263,8 @@ def synthetic_batch(
     media_tokens = torch.zeros_like(input_ids, dtype=torch.bool)
     for kind in adapter.media:
         media_tokens |= input_ids == adapter.token_id(config, kind)
-    for token in (start, end, *video_separators):
+    run_tokens = {token for run in image_runs or () for token in run}
+    for token in (start, end, *video_separators, *run_tokens):
         if token is not None:
             media_tokens |= input_ids == token
     labels = input_ids.masked_fill(media_tokens | (attention_mask == 0), -100)
@@ -275,6 +282,9 @@ def default_seq_len(config: Any, *, max_images: int = 3, videos: bool = False) -
     )
     per_image = int(adapter.tokens_per_item(config, adapter.media[0], media).max())
     separators = 2 if _separators(config)[0] is not None else 0
+    runs = fixture_for(config.model_type).image_runs(config, media)
+    if runs is not None:
+        per_image, separators = max(len(run) for run in runs), 0
     longest = 3 + max_images * (per_image + separators + 2) + 11
     if videos and _flat_videos(config):
         vision = config.vision_config

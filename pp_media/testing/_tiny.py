@@ -106,6 +106,12 @@ class TinyFamily:
         ``input_ids`` (``prefix_lengths``: each sample's media and prompt tokens, before its
         answer text); may relabel. Default: none."""
 
+    def image_runs(self, config: Any, media: dict[str, torch.Tensor]) -> list[list[int]] | None:
+        """Each image's tokens in order, as the family's processor expands them from ``media``
+        (the image processor's output), when they are more than its placeholders between the
+        config's start and end tokens (Llama 4: tile separators); None: those. Default None."""
+        return None
+
     def make_checkable(self, model: Any, seed: int) -> None:
         """Give weights whose initial value would make a gradient check vacuous small random
         values from a generator seeded with ``seed``, in place. Default: none."""

@@ -21,8 +21,9 @@ from pp_media.testing import per_microbatch_router_loss  # noqa: F401
 #: The tied parameters of the transformers VLMs: the input embedding and the LM head.
 EMBED = "model.language_model.embed_tokens.weight"
 HEAD = "lm_head.weight"
-#: Batch fields that would give the items per sample; the pipeline must derive them instead.
-COUNT_FIELDS = ("n_images_per_sample", "n_videos_per_sample")
+#: Batch fields that would give the items per sample (or an item's rows); the pipeline must
+#: derive them instead.
+COUNT_FIELDS = ("n_images_per_sample", "n_videos_per_sample", "n_tiles_per_image")
 
 
 def max_abs_diff(

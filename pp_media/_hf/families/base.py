@@ -43,6 +43,10 @@ class MediaKind:
     #: ``(field, needed)`` pairs: ``needed`` must come whenever ``field`` does (Step3p7's local
     #: crops and their counts per sample).
     requires_with: tuple[tuple[str, str], ...] = ()
+    #: Batch field with the rows of ``pixel_field`` per item (the layout's ``CountRows``),
+    #: derived by the family's ``rows_per_item`` when absent (Llama 4's tiles per image); like
+    #: ``count_field`` it only aligns media and is no model input.
+    rows_field: str | None = None
 
 
 #: Images as most processors emit them; a family adds what its feature method takes
@@ -104,6 +108,16 @@ class FamilyAdapter:
     ) -> torch.Tensor:
         """Placeholder tokens of each item of ``kind`` in ``media``, as a 1-D int64 tensor."""
         raise NotImplementedError
+
+    def rows_per_item(
+        self, config: Any, kind: MediaKind, batch: Mapping[str, Any]
+    ) -> torch.Tensor | None:
+        """``kind.rows_field`` for a collated ``batch`` that lacks it: rows of
+        ``kind.pixel_field`` per item (1-D int64), from what the processor does emit; None when
+        the batch cannot tell (the layout then takes one row per item). Called only for kinds
+        with a ``rows_field``, before the items per sample are derived; raises ``ValueError``
+        naming the field that disagrees."""
+        return None
 
     def features(
         self, base_model: nn.Module, kind: MediaKind, media: Mapping[str, torch.Tensor]
