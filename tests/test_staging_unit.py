@@ -363,6 +363,41 @@ def test_step_with_media_passes_media_as_kwargs_and_skips_text_only_microbatches
     assert "forward_one_chunk" not in vars(schedule._stage)
 
 
+def test_step_with_media_leaves_out_the_empty_groups_of_the_batch_layout() -> None:
+    """Gemma4's videos carry fields the seed's layout does not group with their pixels: a
+    microbatch without videos gets none of them only when the step knows the layout."""
+    from pp_media._layouts import GEMMA4_LAYOUT
+    from pp_media._pipeline.staging import microbatch_media_kwargs
+
+    module = Recorder()
+    schedule = make_schedule(module, 3)
+    batch = {
+        "input_ids": torch.arange(3).repeat_interleave(3).view(3, 3),
+        "pixel_values": torch.arange(3.0).view(3, 1, 1).repeat(1, 2, 4),
+        "image_position_ids": torch.zeros(3, 2, 2, dtype=torch.int64),
+        "n_images_per_sample": torch.ones(3, dtype=torch.int64),
+        # One video of two frames, in the last sample.
+        "pixel_values_videos": torch.zeros(2, 2, 4),
+        "video_position_ids": torch.zeros(2, 2, 2, dtype=torch.int64),
+        "num_frames_per_video": torch.tensor([2]),
+        "n_videos_per_sample": torch.tensor([0, 0, 1]),
+    }
+    pp_media.prepare_vlm_media_for_pp(batch, 3, 3, layout=GEMMA4_LAYOUT)
+    media = batch.pop(pp_media.VLM_PP_MEDIA_KEY)
+    pp_media.step_with_media(
+        schedule, batch["input_ids"], media=media, target=torch.zeros(3, 3), layout=GEMMA4_LAYOUT
+    )
+    images = ["image_position_ids", "pixel_values"]
+    videos = ["num_frames_per_video", "pixel_values_videos", "video_position_ids"]
+    # Shape inference (microbatch 0), then microbatches 0, 1, 2.
+    both = sorted(images + videos)
+    assert [seen["kwargs"] for seen in module.seen] == [images, images, images, both]
+    first = {name: chunks[0] for name, chunks in media.items()}
+    assert sorted(microbatch_media_kwargs(first)) == sorted(
+        ["num_frames_per_video", "video_position_ids", *images]
+    ), "the seed's layout does not know these video fields"
+
+
 def test_an_existing_instance_override_of_the_stage_is_put_back() -> None:
     module = Recorder()
     schedule = make_schedule(module, 2)

@@ -38,6 +38,7 @@ def forward_logits(pipe: Any, batch: Mapping[str, Any]) -> torch.Tensor | None:
             losses=[] if pipe.has_last_stage else None,
             return_outputs=True,
             forward_only=True,
+            layout=pipe.adapter.media_layout,
             **kwargs,
         )
     if not pipe.has_last_stage:

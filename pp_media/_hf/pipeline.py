@@ -278,6 +278,7 @@ class VLMPipeline:
             losses=losses,
             return_outputs=False,
             forward_only=forward_only,
+            layout=self.adapter.media_layout,
             **kwargs,
         )
         if losses is None:

@@ -211,7 +211,8 @@ def measure_stage_costs(
         {
             name: value.to(device)
             for name, value in microbatch_media_kwargs(
-                {name: chunks_[k] for name, chunks_ in inputs.media.items()}
+                {name: chunks_[k] for name, chunks_ in inputs.media.items()},
+                adapter.media_layout,
             ).items()
         }
         for k in range(n_microbatches)

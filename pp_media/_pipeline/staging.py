@@ -9,6 +9,7 @@ microbatch k's media, whatever the schedule's order and however many microbatche
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,13 +22,11 @@ from torch.distributed.pipelining.stage import _PipelineStageBase
 from torch.utils.hooks import RemovableHandle
 
 from pp_media._keys import VLM_PP_MEDIA_KEY
-from pp_media._layouts import GRID_IMAGES, SEED_LAYOUT
+from pp_media._layouts import GRID_IMAGES, SEED_LAYOUT, MediaLayout
 from pp_media._pipeline.locate import PipelineView, locate_pipeline
 
 _STATE_ATTR = "_pp_media_state"
 _ALIGNMENT_ONLY = frozenset({"n_images_per_sample", "n_videos_per_sample"})
-#: Every field of each pixel tensor's groups in the seed's layouts.
-_GROUP_FIELDS = SEED_LAYOUT.group_fields()
 _INDEX_ATTR = "_vlm_chunk_idx"
 
 MediaChunks = Mapping[str, Sequence[torch.Tensor]]
@@ -53,6 +52,8 @@ class _StagedMedia:
     keyed: bool
     #: Microbatch of the stage-0 forward running now; None between forwards.
     index: int | None = None
+    #: The media fields' groups, for handing a microbatch's media over as keyword arguments.
+    layout: MediaLayout = SEED_LAYOUT
     n_microbatches: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -85,17 +86,31 @@ class _StagedMedia:
             )
         return {name: chunks[index] for name, chunks in self.chunks.items()}
 
+    def microbatch_kwargs(self, index: int) -> dict[str, torch.Tensor]:
+        """Microbatch ``index``'s media as forward keyword arguments (see
+        ``microbatch_media_kwargs``)."""
+        return microbatch_media_kwargs(self.microbatch(index), self.layout)
 
-def microbatch_media_kwargs(media: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+
+@functools.lru_cache(maxsize=32)
+def _group_fields(layout: MediaLayout) -> dict[str, frozenset[str]]:
+    """``layout.group_fields()``, cached (layouts compare by identity)."""
+    return layout.group_fields()
+
+
+def microbatch_media_kwargs(
+    media: Mapping[str, torch.Tensor], layout: MediaLayout = SEED_LAYOUT
+) -> dict[str, torch.Tensor]:
     """Forward keyword arguments for one microbatch: groups without media are left out.
 
     A text-only microbatch then calls the model exactly as a text-only batch would, with no
-    empty ``pixel_values`` that a vision tower might not accept. The per-sample counts
+    empty ``pixel_values`` that a vision tower might not accept; which fields go with a pixel
+    tensor is ``layout``'s (the one the media were prepared with). The per-sample counts
     (``n_images_per_sample``, ``n_videos_per_sample``) only serve the alignment and are not
     model inputs, so they are left out too.
     """
     kwargs = {name: chunk for name, chunk in media.items() if name not in _ALIGNMENT_ONLY}
-    for primary, group in _GROUP_FIELDS.items():
+    for primary, group in _group_fields(layout).items():
         if primary in kwargs and kwargs[primary].shape[0] == 0:
             for name in group:
                 kwargs.pop(name, None)
@@ -167,7 +182,7 @@ class _StageHooks:
         self._state.index = index
         setattr(self._module, _INDEX_ATTR, index)
         if self._as_kwargs:
-            media = microbatch_media_kwargs(self._state.microbatch(index))
+            media = self._state.microbatch_kwargs(index)
             kwargs = {**(kwargs or {}), **media}
         try:
             yield kwargs
@@ -229,11 +244,13 @@ class MediaStaging:
         batch: MutableMapping[str, Any],
         *,
         as_kwargs: bool = False,
+        layout: MediaLayout = SEED_LAYOUT,
     ) -> None:
         self._pp = pp
         self._model_parts = model_parts
         self._batch = batch
         self._as_kwargs = as_kwargs
+        self._layout = layout
         self._module: nn.Module | None = None
         self._hooks: _StageHooks | None = None
         self._reset_handle: RemovableHandle | None = None
@@ -259,7 +276,7 @@ class MediaStaging:
                 "pp_media: media as forward arguments needs the torch stage; pass a torch schedule."
             )
         chunks = {name: list(field_chunks) for name, field_chunks in media.items()}
-        state = _StagedMedia(chunks, keyed=view.first_stage is not None)
+        state = _StagedMedia(chunks, keyed=view.first_stage is not None, layout=self._layout)
         state.expect_microbatches(view.n_microbatches)
         batch.pop(VLM_PP_MEDIA_KEY)
         self._attach(module, state, view)

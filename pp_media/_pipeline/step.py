@@ -11,8 +11,9 @@ import torch
 from torch.distributed.pipelining.microbatch import split_args_kwargs_into_chunks
 
 from pp_media._keys import VLM_PP_MEDIA_KEY
+from pp_media._layouts import SEED_LAYOUT, MediaLayout
 from pp_media._pipeline.locate import schedule_stages
-from pp_media._pipeline.staging import MediaStaging, _StagedMedia, microbatch_media_kwargs
+from pp_media._pipeline.staging import MediaStaging, _StagedMedia
 
 
 @functools.cache
@@ -31,6 +32,7 @@ def step_with_media(
     return_outputs: bool = True,
     loss_kwargs: dict[str, Any] | None = None,
     forward_only: bool = False,
+    layout: MediaLayout = SEED_LAYOUT,
     **kwargs: Any,
 ) -> Any:
     """``schedule.step(*args, target=..., losses=..., **kwargs)``, plus the batch's media.
@@ -43,6 +45,9 @@ def step_with_media(
     only stage 0, that public API is used; otherwise (torch 2.13, or a rank that also runs
     later stages, whose forwards would receive every kwarg) the keyed stage-0 routing is.
     Returns what ``schedule.step`` returns.
+
+    ``layout``: the media layout the batch was prepared with (``prepare_vlm_media_for_pp``'s
+    ``layout``), which says which fields go with a pixel tensor that a microbatch lacks.
 
     ``forward_only=True`` runs torch's ``schedule.eval`` instead: the same microbatches, media
     and losses, no backward (wrap the call in ``torch.no_grad()`` to build no graph either).
@@ -62,17 +67,19 @@ def step_with_media(
         return run(*args, target=target, **step_options, **kwargs)
 
     if _accepts_presplit(type(schedule)) and len(stages) == 1:
-        staged = _StagedMedia({name: list(chunks) for name, chunks in media.items()}, keyed=True)
+        chunks = {name: list(field_chunks) for name, field_chunks in media.items()}
+        staged = _StagedMedia(chunks, keyed=True, layout=layout)
         n_microbatches = schedule._n_microbatches
         staged.expect_microbatches(n_microbatches)
         arg_mbs, kwarg_mbs = split_args_kwargs_into_chunks(
             args, kwargs, n_microbatches, schedule._args_chunk_spec, schedule._kwargs_chunk_spec
         )
         for index, microbatch_kwargs in enumerate(kwarg_mbs):
-            microbatch_kwargs.update(microbatch_media_kwargs(staged.microbatch(index)))
+            microbatch_kwargs.update(staged.microbatch_kwargs(index))
         target_mbs = None if target is None else list(torch.tensor_split(target, n_microbatches))
         return run(arg_mbs=arg_mbs, kwarg_mbs=kwarg_mbs, target_mbs=target_mbs, **step_options)
 
     first = next(stage for stage in stages if stage.is_first)
-    with MediaStaging(schedule, [first.submod], {VLM_PP_MEDIA_KEY: media}, as_kwargs=True):
+    batch = {VLM_PP_MEDIA_KEY: media}
+    with MediaStaging(schedule, [first.submod], batch, as_kwargs=True, layout=layout):
         return run(*args, target=target, **step_options, **kwargs)

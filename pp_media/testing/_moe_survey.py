@@ -106,12 +106,14 @@ def microbatches(config: Any, batch: dict[str, torch.Tensor], n: int) -> list[di
     from pp_media._hf.families import adapter_for
     from pp_media._pipeline.staging import microbatch_media_kwargs
 
-    step = prepare_step_inputs(batch, adapter_for(config), config, n)
+    adapter = adapter_for(config)
+    step = prepare_step_inputs(batch, adapter, config, n)
     text = {"input_ids": step.input_ids, "labels": step.labels, **step.kwargs}
     bounds = sample_bounds(step.input_ids.shape[0], n)
     chunks = []
     for k in range(n):
         chunk = {name: value[bounds[k] : bounds[k + 1]] for name, value in text.items()}
-        chunk.update(microbatch_media_kwargs({name: c[k] for name, c in step.media.items()}))
+        own = {name: c[k] for name, c in step.media.items()}
+        chunk.update(microbatch_media_kwargs(own, adapter.media_layout))
         chunks.append(chunk)
     return chunks
